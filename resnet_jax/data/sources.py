@@ -239,18 +239,20 @@ class TfdsSource:
 
 
 def _tfds_how(name: str, builder: Any, manual_dir: str | None) -> str:
+    root = builder._data_dir_root
     if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
-        where = manual_dir or os.path.join(str(builder._data_dir_root), "downloads", "manual")
-        return (f"put the files TFDS documents for {name} (for imagenet2012: "
-                f"ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar) in {where} (or set "
-                f"--config.data.manual_dir) and prepare it once as array_record: `tfds build "
-                f"{name} --data_dir={builder._data_dir_root} --manual_dir={where} "
-                "--file_format=array_record` (needs tensorflow)")
-    hint = (" (or, offline, pass the python archive with --config.data.archive=...)"
+        where = manual_dir or os.path.join(str(root), "downloads", "manual")
+        files = ("ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar"
+                 if name.startswith("imagenet2012") else
+                 f"the files in tfds.builder({name!r}).MANUAL_DOWNLOAD_INSTRUCTIONS")
+        return (f"put {files} in {where} (or set --config.data.manual_dir) and prepare it "
+                f"once as array_record: `tfds build {name} --data_dir={root} "
+                f"--manual_dir={where} --file_format=array_record` (needs tensorflow)")
+    hint = (", or, offline, pass the python archive with --config.data.archive=..."
             if name in _CIFAR_LAYOUT else "")
-    return (f"prepare it once as array_record: `tfds build {name} "
-            f"--data_dir={builder._data_dir_root} --file_format=array_record` (needs network and "
-            f"tensorflow), or rerun with --config.data.download=True{hint}")
+    return (f"prepare it once as array_record: `tfds build {name} --data_dir={root} "
+            f"--file_format=array_record` (needs network and tensorflow) or rerun with "
+            f"--config.data.download=True{hint}")
 
 
 def tfds_splits(name: str, data_dir: str | None, manual_dir: str | None, download: bool,
@@ -274,9 +276,13 @@ def tfds_splits(name: str, data_dir: str | None, manual_dir: str | None, downloa
     if download:
         from tensorflow_datasets.core import download as tfds_download
 
-        builder.download_and_prepare(
-            file_format="array_record",
-            download_config=tfds_download.DownloadConfig(manual_dir=manual_dir))
+        try:
+            builder.download_and_prepare(
+                file_format="array_record",
+                download_config=tfds_download.DownloadConfig(manual_dir=manual_dir))
+        except ImportError as e:
+            raise DataError(f"preparing TFDS dataset {name!r} needs tensorflow (pip install "
+                            f"tensorflow-cpu), then reading it does not ({e})") from e
     splits = list(builder.info.splits)
     if eval_split is None:
         eval_split = _TFDS_EVAL_SPLIT.get(name, "test")
