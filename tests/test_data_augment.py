@@ -71,13 +71,16 @@ def test_imagenet_crop_stays_in_bounds_and_matches_full_resize():
 def test_imagenet_train_flip_and_pca_colour_shift():
     image = RNG.integers(0, 256, (50, 40, 3), dtype=np.uint8)
     mean = augment.IMAGENET_MEAN_RGB
-    pos, zero, alpha = np.array([0.3, 0.9]), np.zeros(3, np.float32), np.array([1., -2., .5])
-    base = augment.imagenet_train(image, 48, pos, False, zero, 32, mean)
-    flipped = augment.imagenet_train(image, 48, pos, True, zero, 32, mean)
-    np.testing.assert_array_equal(flipped, base[:, ::-1])
-    shifted = augment.imagenet_train(image, 48, pos, False, alpha.astype(np.float32), 32, mean)
-    shift = augment.PCA_EIGVEC @ (alpha * augment.PCA_EIGVAL)  # AlexNet: one RGB offset
-    np.testing.assert_allclose(shifted - base, np.broadcast_to(shift, base.shape), atol=1e-6)
+    alpha = np.array([[0, 0, 0], [0, 0, 0], [1, -2, 0.5]], np.float32)
+    x = augment.imagenet_train([image] * 3, np.array([48, 48, 48]), np.array([[0.3, 0.9]] * 3),
+                               np.array([False, True, False]), alpha, 32, mean)
+    assert x.shape == (3, 32, 32, 3) and x.dtype == np.float32
+    assert augment.resized_shape(50, 40, 48) == (60, 48)  # crop at row 0.3*29, col 0.9*17
+    crop = augment.resize_crop(image, 48, int(0.3 * 29), int(0.9 * 17), 32)
+    np.testing.assert_allclose(x[0], (crop - mean) / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(x[1], x[0][:, ::-1])  # an exact mirror
+    shift = augment.PCA_EIGVEC @ (alpha[2] * augment.PCA_EIGVAL)  # AlexNet: one RGB offset
+    np.testing.assert_allclose(x[2] - x[0], np.broadcast_to(shift, x[0].shape), atol=1e-6)
 
 
 def test_ten_crop_and_its_average_on_a_hand_built_image():

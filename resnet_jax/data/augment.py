@@ -98,20 +98,34 @@ def resize_shorter(image: np.ndarray, shorter: int) -> np.ndarray:
     return _array(_pil(image).resize((rw, rh), Image.BILINEAR), c)
 
 
-def imagenet_train(image: np.ndarray, shorter: int, pos: np.ndarray, flip: bool,
-                   alpha: np.ndarray, size: int, mean: np.ndarray) -> np.ndarray:
-    """§3.4 training view: shorter side ``shorter`` (scale augmentation), a random ``size`` crop
-    at relative position ``pos`` (2 floats in [0, 1)), an optional flip, mean subtraction and
-    AlexNet PCA colour shift ``eigvec @ (alpha * eigval)`` (in [0, 1] pixel units)."""
+def train_crop(image: np.ndarray, shorter: int, pos: np.ndarray, flip: bool, size: int
+               ) -> np.ndarray:
+    """§3.4 scale augmentation: shorter side ``shorter``, the ``size`` x ``size`` crop at
+    relative position ``pos`` (2 floats in [0, 1)), mirrored if ``flip``; uint8."""
     rh, rw = resized_shape(*image.shape[:2], shorter)
     top, left = int(pos[0] * (rh - size + 1)), int(pos[1] * (rw - size + 1))
     crop = resize_crop(image, shorter, top, left, size)
-    if flip:
-        crop = crop[:, ::-1]
-    x = normalize(crop, mean)
-    if alpha is not None and np.any(alpha):
-        x = x + PCA_EIGVEC @ (alpha * PCA_EIGVAL)
-    return x
+    return crop[:, ::-1] if flip else crop
+
+
+def pca_shift(alpha: np.ndarray) -> np.ndarray:
+    """AlexNet PCA colour shift ``eigvec @ (alpha * eigval)`` per row of ``alpha`` (..., 3), in
+    [0, 1] pixel units."""
+    return (alpha * PCA_EIGVAL) @ PCA_EIGVEC.T
+
+
+def imagenet_train(images: list[np.ndarray] | np.ndarray, shorter: np.ndarray, pos: np.ndarray,
+                   flips: np.ndarray, alpha: np.ndarray, size: int, mean: np.ndarray
+                   ) -> np.ndarray:
+    """§3.4 training views of a batch: ``train_crop`` per image (shorter sides ``shorter`` (B,),
+    positions ``pos`` (B, 2), ``flips`` (B,)), then per-channel mean subtraction and the PCA
+    colour shift for coefficients ``alpha`` (B, 3) (all zero: none), fused in one pass."""
+    crops = np.stack([train_crop(im, int(s), p, bool(f), size)
+                      for im, s, p, f in zip(images, shorter, pos, flips, strict=True)])
+    offset = np.broadcast_to(np.asarray(mean, np.float32), (len(crops), crops.shape[-1]))
+    if np.any(alpha):  # x/255 + shift == (x - (mean - 255 * shift)) / 255 after mean removal
+        offset = offset - np.float32(PIXEL_SCALE) * pca_shift(alpha).astype(np.float32)
+    return normalize(crops, offset[:, None, None, :])
 
 
 def center_crop(image: np.ndarray, shorter: int, size: int, mean: np.ndarray) -> np.ndarray:

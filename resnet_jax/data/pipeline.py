@@ -108,13 +108,10 @@ class Plan:
             alpha = self._mine(rng.normal(0.0, 1.0, size=(g, 3))).astype(np.float32) * r.pca_std
             if r.augment:
                 # §3.4: shorter side in [256, 480], random 224 crop, flip, mean, PCA colour.
-                views = [augment.imagenet_train(im, int(s), p, bool(f), a, r.size, r.mean)
-                         for im, s, p, f, a in zip(images, shorter, pos, flips, alpha,
-                                                   strict=True)]
+                x = augment.imagenet_train(images, shorter, pos, flips, alpha, r.size, r.mean)
             else:
-                views = [augment.center_crop(im, r.eval_resize, r.size, r.mean)
-                         for im in images]
-            x = np.stack(views)
+                x = np.stack([augment.center_crop(im, r.eval_resize, r.size, r.mean)
+                              for im in images])
         return {"image": x.astype(np.float32, copy=False), "label": labels.astype(np.int32)}
 
     # -- evaluation --------------------------------------------------------------------------

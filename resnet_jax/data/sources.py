@@ -178,16 +178,16 @@ def cifar_archive(path: str, dataset: str) -> tuple[ArraySource, ArraySource]:
                 with open(os.path.join(root, name), "rb") as f:
                     raw[name] = f.read()
         else:
-            with tarfile.open(path, "r:*") as tar:
-                members = {m.name.lstrip("./"): m for m in tar.getmembers()}
-                raw = {}
-                for name in names:
-                    member = members.get(f"{top}/{name}")
-                    if member is None:
-                        raise DataError(
-                            f"{path!r} has no {top}/{name}: not the {dataset} python archive "
-                            f"({expected}); {how}")
-                    raw[name] = tar.extractfile(member).read()  # type: ignore[union-attr]
+            raw = {}
+            with tarfile.open(path, "r|*") as tar:  # one sequential pass over the stream
+                for member in tar:
+                    folder, _, name = member.name.removeprefix("./").rpartition("/")
+                    if folder == top and name in names and member.isfile():
+                        raw[name] = tar.extractfile(member).read()  # type: ignore[union-attr]
+            missing = [f"{top}/{n}" for n in names if n not in raw]
+            if missing:
+                raise DataError(f"{path!r} has no {', '.join(missing)}: not the {dataset} "
+                                f"python archive ({expected}); {how}")
         batches = {name: _unpickle(data) for name, data in raw.items()}
         train = _cifar_arrays([batches[n] for n in train_files], label_key)
         test = _cifar_arrays([batches[n] for n in test_files], label_key)
