@@ -173,3 +173,8 @@ def test_decoding_runs_off_the_consumer_thread_with_bounded_prefetch():
     it.close()
     assert threading.get_ident() not in threads
     assert max(started) <= 3  # at most `prefetch` batches ahead of the one consumed
+
+
+def test_prefetch_and_workers_must_be_positive():
+    with pytest.raises(ValueError, match=r"data\.prefetch=0 and data\.workers=1 must be >= 1"):
+        data.create(make_config(prefetch=0, workers=1), "train")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
-import functools
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 
@@ -69,9 +68,18 @@ class Plan:
     def _mine(self, a: np.ndarray) -> np.ndarray:
         return a[self.process_index * self.batch:(self.process_index + 1) * self.batch]
 
-    @functools.lru_cache(maxsize=2)  # noqa: B019 — the plan lives as long as its iterator
+    _permutations: dict[int, np.ndarray] = dataclasses.field(default_factory=dict, init=False,
+                                                              repr=False)
+
     def permutation(self, epoch: int) -> np.ndarray:
-        return _rng(self.seed, epoch, _PERMUTATION).permutation(len(self.source))
+        """The order of epoch ``epoch`` (the last two are kept; workers may race benignly)."""
+        perm = self._permutations.get(epoch)
+        if perm is None:
+            perm = _rng(self.seed, epoch, _PERMUTATION).permutation(len(self.source))
+            self._permutations[epoch] = perm
+            for old in [e for e in list(self._permutations) if e < epoch - 1]:
+                self._permutations.pop(old, None)
+        return perm
 
     def train_indices(self, step: int) -> np.ndarray:
         n = len(self.source)
@@ -201,11 +209,11 @@ class Batches(Iterator[Batch]):
 
     def close(self) -> None:
         """Stops the workers; pending batches are dropped."""
-        if self._pool is not None:
+        if getattr(self, "_pool", None) is not None:
             for f in self._pending:
                 f.cancel()
             self._pending.clear()
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)  # type: ignore[union-attr]
             self._pool = None
 
     def __enter__(self) -> Batches:
