@@ -141,3 +141,9 @@ def test_wrong_archive_is_not_silently_used(cifar10):
         data.info(run_config("cifar100", cifar10[0]))
     with pytest.raises(data.DataError, match="dataset='digits'"):
         data.info(run_config("digits", cifar10[0]))
+
+
+def test_folder_without_the_batches_is_a_clear_error(tmp_path):
+    (tmp_path / "cifar-10-batches-py").mkdir()
+    with pytest.raises(data.DataError, match=r"has no cifar-10-batches-py/data_batch_1, "):
+        data.info(run_config("cifar10", tmp_path))

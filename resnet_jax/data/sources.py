@@ -169,35 +169,37 @@ def cifar_archive(path: str, dataset: str) -> tuple[ArraySource, ArraySource]:
     if not os.path.exists(path):
         raise DataError(f"CIFAR archive {path!r} not found; {how}")
     names = [*train_files, *test_files]
+    raw: dict[str, bytes] = {}
     try:
         if os.path.isdir(path):
-            root = path if os.path.basename(os.path.normpath(path)) == top else os.path.join(
-                path, top)
-            raw = {}
+            folder = os.path.basename(os.path.normpath(path))
+            root = path if folder == top else os.path.join(path, top)
             for name in names:
-                with open(os.path.join(root, name), "rb") as f:
-                    raw[name] = f.read()
+                if os.path.isfile(os.path.join(root, name)):
+                    with open(os.path.join(root, name), "rb") as f:
+                        raw[name] = f.read()
         else:
-            raw = {}
             with tarfile.open(path, "r|*") as tar:  # one sequential pass over the stream
                 for member in tar:
                     folder, _, name = member.name.removeprefix("./").rpartition("/")
                     if folder == top and name in names and member.isfile():
                         raw[name] = tar.extractfile(member).read()  # type: ignore[union-attr]
-            missing = [f"{top}/{n}" for n in names if n not in raw]
-            if missing:
-                raise DataError(f"{path!r} has no {', '.join(missing)}: not the {dataset} "
-                                f"python archive ({expected}); {how}")
+        missing = [f"{top}/{n}" for n in names if n not in raw]
+        if missing:
+            raise DataError(f"{path!r} has no {', '.join(missing)}: not the {dataset} python "
+                            f"archive ({expected}) or the folder it extracts to; {how}")
         batches = {name: _unpickle(data) for name, data in raw.items()}
-        train = _cifar_arrays([batches[n] for n in train_files], label_key)
-        test = _cifar_arrays([batches[n] for n in test_files], label_key)
+        train = ArraySource(*_cifar_arrays([batches[n] for n in train_files], label_key),
+                            num_classes)
+        test = ArraySource(*_cifar_arrays([batches[n] for n in test_files], label_key),
+                           num_classes)
     except DataError:
         raise
     except (OSError, EOFError, tarfile.TarError, gzip.BadGzipFile, zlib.error,
             pickle.UnpicklingError, KeyError, ValueError, TypeError) as e:
         raise DataError(f"CIFAR archive {path!r} is truncated or corrupt "
                         f"({type(e).__name__}: {e}); {how}") from e
-    return ArraySource(*train, num_classes), ArraySource(*test, num_classes)
+    return train, test
 
 
 # ---------------------------------------------------------------------------------------------
