@@ -1,0 +1,141 @@
+"""The paper's networks by name: ``create("resnet56")``, ``create("resnet50", stride_in="3x3")``.
+
+CIFAR nets (§4.2) default to shortcut option A, ImageNet nets (Table 1) to option B, as in the
+paper's main results. CIFAR nets scan their identical blocks (ResNet-1202's 200 blocks per stage
+compile in seconds); ImageNet nets are unrolled (``stage3/block5/...``, as torchvision's layout).
+Either is a flag: ``scan_blocks=``. ``cifar_resnet``, ``cifar_plain``, ``imagenet_resnet`` and
+``imagenet_plain`` take any ``depth=`` (6n+2 for CIFAR; 18/34/50/101/152 for ImageNet).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+import jax.numpy as jnp
+
+from resnet_jax.models.blocks import (
+    SHORTCUTS,
+    BasicBlock,
+    BottleneckBlock,
+    Shortcut,
+    subsample_and_pad,
+)
+from resnet_jax.models.resnet import (
+    IMAGENET_STAGES,
+    ResNet,
+    Stage,
+    Stem,
+    cifar_stage_sizes,
+    he_normal,
+)
+
+__all__ = [
+    "SHORTCUTS",
+    "BasicBlock",
+    "BottleneckBlock",
+    "ResNet",
+    "Shortcut",
+    "Stage",
+    "Stem",
+    "cifar_stage_sizes",
+    "create",
+    "he_normal",
+    "names",
+    "subsample_and_pad",
+]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(value: Any, field: str) -> Any:
+    if isinstance(value, str):
+        if value not in _DTYPES:
+            raise ValueError(f"{field}={value!r} is not one of {sorted(_DTYPES)}.")
+        return _DTYPES[value]
+    return value
+
+
+def cifar(depth: int, *, shortcut: str = "A", **overrides: Any) -> ResNet:
+    """A CIFAR net of ``depth = 6n+2`` layers: 16/32/64 filters on 32/16/8 maps (§4.2)."""
+    sizes = cifar_stage_sizes(depth)
+    kw: dict[str, Any] = dict(
+        stage_sizes=sizes, block_cls=BasicBlock, stem="cifar", width=16, num_classes=10,
+        shortcut=shortcut, scan_blocks=True,
+    )
+    return _build(kw, overrides)
+
+
+def imagenet(depth: int, *, shortcut: str = "B", **overrides: Any) -> ResNet:
+    """An ImageNet net of Table 1 (18/34 basic blocks, 50/101/152 bottlenecks)."""
+    if depth not in IMAGENET_STAGES:
+        raise ValueError(
+            f"ImageNet depth {depth} is not in Table 1; use one of {sorted(IMAGENET_STAGES)}."
+        )
+    sizes, block_cls = IMAGENET_STAGES[depth]
+    kw: dict[str, Any] = dict(
+        stage_sizes=sizes, block_cls=block_cls, stem="imagenet", width=64, num_classes=1000,
+        shortcut=shortcut,
+    )
+    return _build(kw, overrides)
+
+
+def _build(kw: dict[str, Any], overrides: dict[str, Any]) -> ResNet:
+    fields = {f.name for f in dataclasses.fields(ResNet)} - {"parent", "name"}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown model override(s) {unknown}; valid fields: {sorted(fields)}.")
+    kw.update(overrides)
+    for f in ("dtype", "param_dtype"):
+        if f in kw:
+            kw[f] = _dtype(kw[f], f)
+    if kw.get("stage_sizes") is not None:
+        kw["stage_sizes"] = tuple(int(n) for n in kw["stage_sizes"])
+    return ResNet(**kw)
+
+
+def _named(family: Callable[..., ResNet], depth: int, **fixed: Any) -> Callable[..., ResNet]:
+    def make(**overrides: Any) -> ResNet:
+        return family(depth, **{**fixed, **overrides})
+
+    return make
+
+
+def _any_depth(family: Callable[..., ResNet], **fixed: Any) -> Callable[..., ResNet]:
+    def make(*, depth: int | None = None, **overrides: Any) -> ResNet:
+        if depth is None:
+            raise ValueError("this model needs depth=..., e.g. create('cifar_resnet', depth=20).")
+        return family(int(depth), **{**fixed, **overrides})
+
+    return make
+
+
+_REGISTRY: dict[str, Callable[..., ResNet]] = {}
+for _d in (20, 32, 44, 56, 110, 1202):
+    _REGISTRY[f"resnet{_d}"] = _named(cifar, _d)
+for _d in (20, 32, 44, 56, 110):
+    _REGISTRY[f"plain{_d}"] = _named(cifar, _d, shortcut="none")
+for _d in (18, 34, 50, 101, 152):
+    _REGISTRY[f"resnet{_d}"] = _named(imagenet, _d)
+for _d in (18, 34):
+    _REGISTRY[f"plain{_d}"] = _named(imagenet, _d, shortcut="none")
+_REGISTRY["cifar_resnet"] = _any_depth(cifar)
+_REGISTRY["cifar_plain"] = _any_depth(cifar, shortcut="none")
+_REGISTRY["imagenet_resnet"] = _any_depth(imagenet)
+_REGISTRY["imagenet_plain"] = _any_depth(imagenet, shortcut="none")
+
+
+def names() -> list[str]:
+    """Every registered model name."""
+    return list(_REGISTRY)
+
+
+def create(name: str, **overrides: Any) -> ResNet:
+    """Build a registered network; ``overrides`` set any :class:`ResNet` field (or ``depth``)."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown model {name!r}{hint}; valid names: {', '.join(_REGISTRY)}.")
+    return _REGISTRY[name](**overrides)

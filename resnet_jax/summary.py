@@ -1,0 +1,146 @@
+"""Per-stage parameters and multiply-adds, counted from the module itself (no memory used).
+
+``python -m resnet_jax.summary resnet50 [--image 224] [--override stride_in=3x3]`` prints a table
+with stem, each stage, the classifier and the totals; :func:`summarize` returns the same numbers.
+Multiply-adds are those of convolutions and the fully connected layer (the paper's "FLOPs" in
+Table 1 are multiply-adds); BN, ReLU, additions and pooling are not counted, as in Table 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from resnet_jax import models
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One top-level part of a network: ``stem``, ``stage1``..``stageN`` or ``fc``."""
+
+    name: str
+    output_shape: tuple[int, ...]
+    params: int
+    mult_adds: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    model: str
+    image_size: int
+    rows: tuple[Row, ...]
+
+    @property
+    def params(self) -> int:
+        """Learnable parameters: BN scale/offset included, running statistics excluded."""
+        return sum(r.params for r in self.rows)
+
+    @property
+    def mult_adds(self) -> int:
+        """Multiply-adds for one image."""
+        return sum(r.mult_adds for r in self.rows)
+
+    def table(self) -> str:
+        head = f"{'part':<8} {'output shape':<18} {'params':>14} {'mult-adds':>16}"
+        lines = [f"{self.model} at {self.image_size}x{self.image_size}", head, "-" * len(head)]
+        for r in self.rows:
+            lines.append(
+                f"{r.name:<8} {'x'.join(map(str, r.output_shape)):<18} "
+                f"{r.params:>14,} {r.mult_adds:>16,}"
+            )
+        lines.append("-" * len(head))
+        lines.append(
+            f"{'total':<8} {'':<18} {self.params:>14,} {self.mult_adds:>16,}"
+            f"   ({self.mult_adds / 1e9:.3f} G mult-adds, {self.params / 1e6:.2f} M params)"
+        )
+        return "\n".join(lines)
+
+
+def default_image_size(model: models.ResNet) -> int:
+    return 32 if model.stem == "cifar" else 224
+
+
+def summarize(
+    model: str | models.ResNet, image_size: int | None = None, **overrides: Any
+) -> Summary:
+    """Parameters and multiply-adds of every top-level part of ``model`` for one image."""
+    name = model if isinstance(model, str) else type(model).__name__
+    module = models.create(model, **overrides) if isinstance(model, str) else model
+    if image_size is None:
+        image_size = default_image_size(module)
+    # Scanning does not change the arithmetic; unrolled, every block's conv is seen once.
+    module = module.clone(scan_blocks=False, return_features=False)
+
+    macs: dict[str, int] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def count(next_fun, args, kwargs, context):
+        out = next_fun(*args, **kwargs)
+        mod = context.module
+        if context.method_name != "__call__" or not mod.path:
+            return out
+        top = mod.path[0]
+        if len(mod.path) == 1 and hasattr(out, "shape"):
+            shapes[top] = tuple(out.shape[1:])
+        if isinstance(mod, nn.Conv | nn.Dense):
+            kernel = mod.variables["params"]["kernel"]
+            # per output position: k_h * k_w * c_in/groups * c_out
+            macs[top] = macs.get(top, 0) + math.prod(out.shape[1:-1]) * math.prod(kernel.shape)
+        return out
+
+    def init() -> Any:
+        with nn.intercept_methods(count):
+            return module.init(
+                jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False
+            )
+
+    variables = jax.eval_shape(init)
+    params = variables["params"]
+    order = [*shapes, *(k for k in params if k not in shapes)]  # call order: stem first
+    rows = [
+        Row(
+            top,
+            shapes.get(top, ()),
+            sum(math.prod(x.shape) for x in jax.tree.leaves(params.get(top, {}))),
+            macs.get(top, 0),
+        )
+        for top in order
+    ]
+    return Summary(name, image_size, tuple(rows))
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"override {text!r} is not FIELD=VALUE, e.g. shortcut=B")
+    key, value = text.split("=", 1)
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help=f"one of: {', '.join(models.names())}")
+    parser.add_argument("--image", type=int, default=None, help="input side (default 32 / 224)")
+    parser.add_argument(
+        "--override", action="append", type=_parse_override, default=[],
+        help="FIELD=VALUE model override, repeatable (e.g. shortcut=B, stride_in=3x3, depth=1202)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        summary = summarize(args.model, args.image, **dict(args.override))
+    except ValueError as e:
+        parser.exit(2, f"error: {e}\n")
+    print(summary.table())
+
+
+if __name__ == "__main__":
+    main()
