@@ -1,0 +1,197 @@
+"""Device placement: wraps ONE step function as ``jax.jit`` (global view) or ``jax.pmap``.
+
+The loop never branches on the mode: it asks a :class:`ParallelStep` to ``replicate`` the
+state, calls it with host-local numpy batches (sharded here), and ``fetch``-es outputs.
+
+* ``jit``: a ``Mesh`` over all devices (of all processes) with one axis ``"data"``; state and
+  other arguments replicated, the batch sharded on its leading axis and assembled from each
+  process's slice with ``jax.make_array_from_process_local_data``; state buffers donated.
+* ``pmap``: the step gets ``axis_name="devices"`` and reduces over it; the state carries a
+  leading local-device axis. ``bn_sync=False`` gives per-device BN (the paper's multi-GPU
+  setup, §3.4) with ``batch_stats`` averaged after each step so the replicas stay identical;
+  under ``jit`` the same per-device statistics come from ``bn_groups = device count``.
+
+Step contract: ``step(state, batch, *args, axis_name=None, [bn_sync=..., bn_groups=...])``
+returns outputs that are identical on all devices (reduced metrics, the new state).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MODES = ("jit", "pmap")
+DATA_AXIS = "data"  # the jit mesh axis
+PMAP_AXIS = "devices"  # the pmap axis name handed to the step
+
+
+def initialize_distributed(config: ml_collections.ConfigDict) -> bool:
+    """Join a multi-process run if ``config.distributed`` asks for it; True if it did.
+
+    ``distributed.coordinator_address`` set: explicit ``host:port``, ``num_processes`` and
+    ``process_id`` (-1 = detect). ``distributed.initialize=True`` without an address: JAX's
+    cluster auto-detection (SLURM, Open MPI, Cloud TPU, GKE, ...). Must run before any other
+    JAX call touches the devices.
+    """
+    dist = config.get("distributed")
+    if dist is None or not (dist.initialize or dist.coordinator_address):
+        return False
+    kwargs: dict[str, Any] = {}
+    if dist.coordinator_address:
+        kwargs["coordinator_address"] = dist.coordinator_address
+    if dist.num_processes > 0:
+        kwargs["num_processes"] = int(dist.num_processes)
+    if dist.process_id >= 0:
+        kwargs["process_id"] = int(dist.process_id)
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def check_batch_size(batch_size: int, field: str = "batch_size") -> None:
+    """Raise a one-line ValueError unless ``batch_size`` splits over processes and devices."""
+    n_proc, n_dev = jax.process_count(), jax.device_count()
+    if batch_size <= 0 or batch_size % n_dev or batch_size % n_proc:
+        fix = (batch_size // n_dev + 1) * n_dev if batch_size > 0 else n_dev
+        raise ValueError(
+            f"{field}={batch_size} is not divisible by the {n_dev} devices / {n_proc} processes; "
+            f"use a multiple of {n_dev}, e.g. --config.{field}={fix}."
+        )
+
+
+class ParallelStep:
+    """A compiled step plus the placement its inputs need.
+
+    ``replicate(tree)``: put a host/device tree on every device (the state).
+    ``shard(batch)``: host-local numpy batch -> sharded device batch (called for you on numpy).
+    ``fetch(tree)``: device outputs -> host numpy, one replica (blocks).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        mode: str,
+        *,
+        replicate: Callable[[Any], Any],
+        shard: Callable[[dict[str, np.ndarray]], Any],
+        fetch: Callable[[Any], Any],
+        place_arg: Callable[[Any], Any],
+        num_devices: int,
+    ) -> None:
+        self._fn = fn
+        self.mode = mode
+        self.replicate = replicate
+        self.shard = shard
+        self.fetch = fetch
+        self._place_arg = place_arg
+        self.num_devices = num_devices
+
+    def __call__(self, state: Any, batch: Any, *args: Any) -> Any:
+        if any(isinstance(v, np.ndarray) for v in jax.tree.leaves(batch)):
+            batch = self.shard(batch)
+        return self._fn(state, batch, *(self._place_arg(a) for a in args))
+
+
+def _first_replica(x: Any, *, strip_axis: bool) -> np.ndarray:
+    shard = np.asarray(x.addressable_data(0))
+    return shard[0] if strip_axis else shard
+
+
+def compile(
+    step: Callable[..., Any],
+    mode: str,
+    *,
+    bn_sync: bool = True,
+    donate_state: bool = True,
+) -> ParallelStep:
+    """Wrap ``step(state, batch, *args, axis_name=...)`` for ``mode`` in {"jit", "pmap"}.
+
+    ``bn_sync=False`` asks for per-device BN statistics: under pmap the step gets
+    ``bn_sync=False``, under jit ``bn_groups=jax.device_count()``. Only non-default keywords
+    are passed, so an eval step needs none of them.
+    """
+    if mode not in MODES:
+        raise ValueError(f"parallel={mode!r} is not one of {MODES}; use --config.parallel=jit.")
+    donate = (0,) if donate_state else ()
+
+    if mode == "jit":
+        mesh = Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+        replicated = NamedSharding(mesh, P())
+        data = NamedSharding(mesh, P(DATA_AXIS))
+        bound = step if bn_sync else functools.partial(step, bn_groups=jax.device_count())
+        fn = jax.jit(bound, out_shardings=replicated, donate_argnums=donate)
+
+        def put_replicated(x: Any) -> jax.Array:
+            x = np.asarray(x)
+            return jax.make_array_from_process_local_data(replicated, x, x.shape)
+
+        def shard(batch: dict[str, np.ndarray]) -> Any:
+            def put(x: np.ndarray) -> jax.Array:
+                x = np.asarray(x)
+                global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+                return jax.make_array_from_process_local_data(data, x, global_shape)
+
+            return jax.tree.map(put, batch)
+
+        return ParallelStep(
+            fn,
+            mode,
+            replicate=lambda tree: jax.tree.map(put_replicated, tree),
+            shard=shard,
+            fetch=lambda tree: jax.tree.map(
+                functools.partial(_first_replica, strip_axis=False), tree
+            ),
+            place_arg=put_replicated,
+            num_devices=jax.device_count(),
+        )
+
+    devices = jax.local_devices()
+    n_local = len(devices)
+    local = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), P(PMAP_AXIS))
+    kwargs: dict[str, Any] = {"axis_name": PMAP_AXIS}
+    if not bn_sync:
+        kwargs["bn_sync"] = False
+    bound = functools.partial(step, **kwargs)
+
+    compiled: dict[int, Any] = {}  # by number of extra (broadcast) arguments
+
+    def pmapped(state: Any, batch: Any, *args: Any) -> Any:
+        if len(args) not in compiled:
+            in_axes = (0, 0, *([None] * len(args)))
+            compiled[len(args)] = jax.pmap(
+                bound, axis_name=PMAP_AXIS, in_axes=in_axes, donate_argnums=donate
+            )
+        return compiled[len(args)](state, batch, *args)
+
+    def replicate(tree: Any) -> Any:
+        return jax.tree.map(
+            lambda x: jax.device_put(np.stack([np.asarray(x)] * n_local), local), tree
+        )
+
+    def shard(batch: dict[str, np.ndarray]) -> Any:
+        def put(x: np.ndarray) -> jax.Array:
+            x = np.asarray(x)
+            if x.shape[0] % n_local:
+                raise ValueError(
+                    f"per-process batch of {x.shape[0]} does not split over {n_local} devices."
+                )
+            return jax.device_put(x.reshape(n_local, -1, *x.shape[1:]), local)
+
+        return jax.tree.map(put, batch)
+
+    return ParallelStep(
+        pmapped,
+        mode,
+        replicate=replicate,
+        shard=shard,
+        fetch=lambda tree: jax.tree.map(functools.partial(_first_replica, strip_axis=True), tree),
+        place_arg=lambda x: x,
+        num_devices=jax.device_count(),
+    )
+

@@ -1,0 +1,67 @@
+"""TrainState: everything that changes during training, as one pytree."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from resnet_jax.train import optim
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """``step, params, batch_stats, opt_state``; ``apply_fn`` and ``tx`` are static.
+
+    Checkpointed whole (with the data position and RNG) so a resumed run continues exactly.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: optax.OptState
+    apply_fn: Callable[..., Any] = flax.struct.field(pytree_node=False)
+    tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        """``{"params", "batch_stats"}`` as the model's ``apply`` takes them."""
+        return {"params": self.params, "batch_stats": self.batch_stats}
+
+    def apply_gradients(self, grads: Any, **changes: Any) -> TrainState:
+        """One optimiser update; ``changes`` replace other fields (e.g. ``batch_stats``)."""
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        params = optax.apply_updates(self.params, updates)
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **changes)
+
+
+def create_train_state(
+    config: ml_collections.ConfigDict,
+    model: nn.Module,
+    rng: jax.Array,
+    *,
+    image_shape: tuple[int, int, int],
+    steps_per_epoch: float | None = None,
+) -> TrainState:
+    """Initialise the model on a zero image of ``image_shape`` (H, W, C) and build the optimiser.
+
+    ``steps_per_epoch`` converts epoch-valued LR boundaries to steps. Deterministic in ``rng``,
+    so every process of a multi-host run builds the same state.
+    """
+    x = jnp.zeros((1, *image_shape), jnp.float32)
+    variables = jax.jit(lambda r: model.init(r, x, train=False))(rng)
+    tx = optim.create_optimizer(config, steps_per_epoch)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        apply_fn=model.apply,
+        tx=tx,
+    )

@@ -1,0 +1,150 @@
+"""jit (global view) == pmap (synced BN) == one device, on 8 simulated CPU devices and on
+2 processes x 4 devices joined by jax.distributed; per-device ("ghost") BN agrees between jit
+(bn_groups) and pmap (bn_sync=False).
+
+The multi-device work runs in subprocesses (this file doubles as the worker script) so the
+pytest process keeps its single CPU device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+STEPS, BATCH, IMAGE = 3, 16, (12, 12, 3)
+VARIANTS = ("single", "jit", "pmap", "single_ghost", "jit_ghost", "pmap_ghost")
+
+
+def _worker(out: Path, process_id: int, num_processes: int, port: int, variants: list[str]) -> None:
+    import functools
+
+    import jax
+    import ml_collections
+
+    if num_processes > 1:
+        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
+
+    from resnet_jax import models, parallel
+    from resnet_jax.train import create_train_state, train_step
+
+    config = ml_collections.ConfigDict(
+        dict(learning_rate=0.1, scale_lr_by_batch=False, batch_size=BATCH, momentum=0.9,
+             nesterov=False, weight_decay=1e-4, weight_decay_mask="kernels",
+             schedule="piecewise", lr_boundaries=(2,), lr_boundaries_unit="steps",
+             lr_decay_factor=0.1, warmup_steps=0, warmup_type="constant", warmup_lr=0.01,
+             num_train_steps=STEPS)
+    )
+    model = models.create("cifar_resnet", depth=8, width=4, num_classes=10)
+    rs = np.random.RandomState(0)
+    batches = [
+        {"image": rs.randn(BATCH, *IMAGE).astype(np.float32),
+         "label": rs.randint(0, 10, BATCH).astype(np.int32)}
+        for _ in range(STEPS)
+    ]
+    per = BATCH // jax.process_count()
+    lo = jax.process_index() * per
+    base_rng = jax.random.PRNGKey(1)
+    n = jax.device_count()
+
+    state0 = create_train_state(config, model, jax.random.PRNGKey(0), image_shape=IMAGE)
+    results = {}
+    for variant in variants:
+        state = state0  # not donated: replicate() copies, the single-device jit does not donate
+        mode, _, ghost = variant.partition("_")
+        if mode == "single":
+            step = jax.jit(functools.partial(train_step, bn_groups=n if ghost else 1))
+            for i, b in enumerate(batches):
+                state, metrics = step(state, b, jax.random.fold_in(base_rng, i))
+            fetched = jax.device_get((state.params, state.batch_stats, metrics))
+        else:
+            step = parallel.compile(train_step, mode, bn_sync=not ghost)
+            state = step.replicate(state)
+            for i, b in enumerate(batches):
+                local = {k: v[lo : lo + per] for k, v in b.items()}
+                state, metrics = step(state, local, jax.random.fold_in(base_rng, i))
+            fetched = step.fetch((state.params, state.batch_stats, metrics))
+        leaves = jax.tree_util.tree_flatten_with_path(fetched)[0]
+        for path, leaf in leaves:
+            results[f"{variant}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+    np.savez(out / f"process{process_id}.npz", **results)
+
+
+def _run_workers(tmp: Path, devices: int, processes: int, variants: tuple[str, ...]) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--out", str(tmp), "--process-id", str(i),
+             "--num-processes", str(processes), "--port", str(port), *variants],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        for i in range(processes)
+    ]
+    for p in procs:
+        output, _ = p.communicate(timeout=300)
+        assert p.returncode == 0, output[-3000:]
+    return [dict(np.load(tmp / f"process{i}.npz")) for i in range(processes)]
+
+
+def _variant(results: dict, variant: str) -> dict:
+    prefix = f"{variant}["
+    return {k[len(variant):]: v for k, v in results.items() if k.startswith(prefix)}
+
+
+def _assert_same(a: dict, b: dict, what: str, rtol: float = 1e-5, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys() and a, what
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=rtol, atol=atol, err_msg=f"{what}: {k}")
+
+
+@pytest.fixture(scope="module")
+def eight_devices(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    return _run_workers(tmp_path_factory.mktemp("p8"), 8, 1, VARIANTS)[0]
+
+
+def test_jit_pmap_single_device_agree(eight_devices: dict) -> None:
+    single = _variant(eight_devices, "single")
+    _assert_same(single, _variant(eight_devices, "jit"), "jit vs single device")
+    _assert_same(single, _variant(eight_devices, "pmap"), "pmap (synced BN) vs single device")
+
+
+def test_ghost_bn_jit_equals_pmap_and_differs_from_synced(eight_devices: dict) -> None:
+    ghost = _variant(eight_devices, "single_ghost")
+    _assert_same(ghost, _variant(eight_devices, "jit_ghost"), "jit bn_groups vs single")
+    _assert_same(ghost, _variant(eight_devices, "pmap_ghost"), "pmap per-device BN vs single")
+    synced = _variant(eight_devices, "single")
+    mean_key = next(k for k in ghost if k.startswith("[1]") and k.endswith("['mean']"))
+    assert not np.allclose(ghost[mean_key], synced[mean_key], rtol=1e-3), (
+        "per-device BN statistics should differ from the global ones"
+    )
+
+
+def test_two_processes_match_one_process(eight_devices: dict, tmp_path: Path) -> None:
+    p0, p1 = _run_workers(tmp_path, 4, 2, ("jit", "pmap"))
+    for variant in ("jit", "pmap"):
+        _assert_same(_variant(p0, variant), _variant(p1, variant), f"{variant}: process 0 vs 1")
+        _assert_same(
+            _variant(p0, variant), _variant(eight_devices, variant),
+            f"{variant}: 2 processes x 4 devices vs 1 process x 8 devices",
+        )
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--process-id", type=int, default=0)
+    parser.add_argument("--num-processes", type=int, default=1)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("variants", nargs="+", choices=VARIANTS)
+    a = parser.parse_args()
+    _worker(a.out, a.process_id, a.num_processes, a.port, a.variants)
