@@ -1,0 +1,51 @@
+"""ImageNet 2012 with the paper's recipe (§3.4, Tables 2-4).
+
+    python train.py --config configs/imagenet.py:resnet50 --workdir runs/imagenet_resnet50 \
+        --config.data.manual_dir=/data/imagenet
+
+Architectures: resnet18/34/50/101/152 (shortcut option B), plain18/34.
+Recipe: batch 256, SGD momentum 0.9, weight decay 1e-4, lr 0.1 "divided by 10 when the error
+plateaus" (§3.4) -- here at epochs 30 and 60, stopping at 90 (the fb.resnet.torch convention;
+the paper ran up to 60e4 iterations = ~120 epochs: ``--config.num_epochs=120``). Scale
+augmentation (shorter side in [256, 480]), 224 crop, flip, per-channel mean, PCA colour noise;
+BN after every conv, no dropout. The paper's 8 GPUs compute BN over 32 images each: use
+``--config.parallel=pmap --config.bn_sync=False`` (or jit, which then uses per-device groups).
+``--config.scale_lr_by_batch=True`` scales lr 0.1 by batch/256 for other batch sizes.
+
+Paper top-1 / top-5 error, 10-crop testing (Tables 2-3): plain18 27.94, plain34 28.54,
+resnet18 27.88, resnet34 (B) 24.52 / 7.46, resnet50 22.85 / 6.71, resnet101 21.75 / 6.05,
+resnet152 21.43 / 5.71. Evaluation during training uses one centre crop (cheaper); the paper's
+10-crop number: ``--config.data.eval_protocol=ten_crop``.
+
+Cost: 90 epochs x 1.28M images = 115M images; ResNet-50 is 3.8 GFLOPs per forward pass
+(Table 1), so ~1.3e18 FLOPs per run -- many accelerator-hours (not measured on this machine).
+"""
+
+import ml_collections
+
+from resnet_jax.train.config import default_config
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+
+def get_config(arch: str = "resnet50") -> ml_collections.ConfigDict:
+    c = default_config()
+    c.model = arch
+    c.dataset = "imagenet2012"
+    c.batch_size = 256
+    c.eval_batch_size = 250
+    c.num_epochs = 90.0  # overrides num_train_steps (steps = epochs * num_train / batch_size)
+    c.num_train_steps = round(90 * IMAGENET_TRAIN_IMAGES / 256)
+    c.learning_rate = 0.1
+    c.schedule = "piecewise"
+    c.lr_boundaries = (30, 60)
+    c.lr_boundaries_unit = "epochs"
+    c.momentum = 0.9
+    c.weight_decay = 1e-4
+    c.warmup_steps = 0
+    epoch = IMAGENET_TRAIN_IMAGES // 256  # steps per epoch at batch 256
+    c.eval_every_steps = epoch
+    c.checkpoint_every_steps = epoch
+    c.log_every_steps = 100
+    c.data.pipeline = "imagenet"
+    return c

@@ -1,0 +1,162 @@
+"""``train_and_evaluate(config, workdir)``: the training loop.
+
+Per step: next host-local batch -> ``ParallelStep`` (jit or pmap; the loop does not know which)
+with ``rng = fold_in(base_rng, step)``. Device metrics are only fetched at log steps, so the host
+never waits on the device in between. The data stream is a pure function of (seed, step) and the
+rng of the step index, so resuming from a saved (state, step) continues bit-exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from resnet_jax import data, models, parallel
+from resnet_jax.train import config as config_lib
+from resnet_jax.train import metrics as metrics_lib
+from resnet_jax.train.state import TrainState, create_train_state
+from resnet_jax.train.step import eval_step, train_step
+
+
+def _log(message: str) -> None:
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+    """``num_train_steps``, or ``num_epochs`` worth of global batches when that is > 0."""
+    if config.num_epochs > 0:
+        return max(1, round(config.num_epochs * num_train_examples / config.batch_size))
+    return int(config.num_train_steps)
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
+    """``models.create(config.model, num_classes=..., dtype=..., **config.model_kwargs)``."""
+    kwargs = {"num_classes": num_classes, "dtype": config.dtype, **config.model_kwargs.to_dict()}
+    return models.create(config.model, **kwargs)
+
+
+def evaluate(
+    eval_fn: parallel.ParallelStep, state: TrainState, config: ml_collections.ConfigDict
+) -> dict[str, float]:
+    """The whole eval split: test_loss, test_error, test_top5_error (padding counts zero)."""
+    stream = data.create(
+        config, "eval", process_index=jax.process_index(),
+        process_count=jax.process_count(), seed=config.seed,
+    )
+    outputs = [eval_fn(state, batch) for batch in stream]  # dispatched; fetched once below
+    sums: dict[str, float] = {}
+    for out in eval_fn.fetch(outputs):
+        for key, value in out.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    count = sums["count"]
+    if count <= 0:
+        raise ValueError(f"the eval split of {config.dataset!r} is empty.")
+    return {
+        "test_loss": sums["loss_sum"] / count,
+        "test_error": sums["error_sum"] / count,
+        "test_top5_error": sums["top5_error_sum"] / count,
+    }
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Train ``num_train_steps``, evaluating every ``eval_every_steps`` and at the end.
+
+    Writes ``workdir/metrics.jsonl``, TensorBoard events and ``workdir/curves.png`` (process 0).
+    Config errors are raised as one-line ValueErrors before anything is compiled. Returns the
+    last logged training and test scalars.
+    """
+    config_lib.validate(config)
+    parallel.initialize_distributed(config)
+    parallel.check_batch_size(config.batch_size, "batch_size")
+    parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
+    info = data.info(config)
+    model = build_model(config, info.num_classes)
+    steps_per_epoch = info.num_train / config.batch_size
+    total_steps = num_train_steps(config, info.num_train)
+    is_main = jax.process_index() == 0
+
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, base_rng = jax.random.split(rng)
+    state = create_train_state(
+        config, model, init_rng, image_shape=info.image_shape, steps_per_epoch=steps_per_epoch
+    )
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    _log(
+        f"{config.model} ({n_params:,} params) on {config.dataset} "
+        f"({info.num_train} train / {info.num_eval} eval, {info.image_shape}); "
+        f"{total_steps} steps of batch {config.batch_size}; parallel={config.parallel} over "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"{jax.process_count()} process(es)"
+    )
+
+    train_fn = parallel.compile(
+        functools.partial(train_step, label_smoothing=float(config.label_smoothing)),
+        config.parallel,
+        bn_sync=config.bn_sync,
+    )
+    eval_fn = parallel.compile(eval_step, config.parallel, donate_state=False)
+    start_step = 0  # a checkpoint restore (issue 5) sets state and start_step here
+    state = train_fn.replicate(state)
+
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, append=start_step > 0)
+    stream = data.create(
+        config, "train", process_index=jax.process_index(),
+        process_count=jax.process_count(), seed=config.seed, start_step=start_step,
+    )
+    pending: list[Any] = []
+    last: dict[str, float] = {}
+    t_mark, step_mark = time.perf_counter(), start_step
+    try:
+        for step in range(start_step, total_steps):
+            batch = next(stream)
+            state, step_metrics = train_fn(state, batch, jax.random.fold_in(base_rng, step))
+            pending.append(step_metrics)
+            done = step + 1
+            scalars: dict[str, float] = {}
+            if done % config.log_every_steps == 0 or done == total_steps:
+                fetched = train_fn.fetch(pending)  # the only host sync between evals
+                pending = []
+                elapsed = time.perf_counter() - t_mark
+                mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                scalars = {
+                    "train_loss": mean["loss"],
+                    "train_error": mean["error"],
+                    "train_top5_error": mean["top5_error"],
+                    "learning_rate": float(fetched[-1]["learning_rate"]),
+                    "grad_norm": mean["grad_norm"],
+                    "images_per_second": (done - step_mark) * config.batch_size / elapsed,
+                }
+                _log(metrics_lib.progress_line(
+                    done, total_steps, scalars, elapsed / (done - step_mark)
+                ))
+            if done % config.eval_every_steps == 0 or done == total_steps:
+                t_eval = time.perf_counter()
+                test = evaluate(eval_fn, state, config)
+                t_mark += time.perf_counter() - t_eval  # images/s counts training time only
+                _log(
+                    f"step {done}: test error {100 * test['test_error']:.2f}% "
+                    f"(top-5 {100 * test['test_top5_error']:.2f}%), loss {test['test_loss']:.4f}"
+                )
+                scalars.update(test)
+            if scalars:
+                writer.write(done, scalars)
+                last.update(scalars)
+            if "images_per_second" in scalars:
+                t_mark, step_mark = time.perf_counter(), done
+    finally:
+        stream.close()
+        writer.close()
+    if is_main:
+        metrics_lib.plot_curves(
+            metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl")),
+            os.path.join(workdir, "curves.png"),
+            title=f"{config.model} on {config.dataset}",
+        )
+    return last

@@ -1,0 +1,102 @@
+"""Metric sinks: console line, TensorBoard events, ``metrics.jsonl``, and the Fig. 6-style plot.
+
+Only process 0 writes (``enabled=False`` elsewhere); every line of ``metrics.jsonl`` is one JSON
+object with "step" and the scalars measured at that step (errors are fractions in [0, 1]).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+
+class MetricWriter:
+    """Scalars to ``workdir/metrics.jsonl`` (appended to when resuming) and TensorBoard events."""
+
+    def __init__(self, workdir: str, *, enabled: bool = True, append: bool = False) -> None:
+        self.workdir = workdir
+        self.enabled = enabled
+        self._tb: Any = None
+        self._jsonl: Any = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            os.makedirs(workdir, exist_ok=True)
+            self._tb = SummaryWriter(workdir)
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a" if append else "w")  # noqa: SIM115
+
+    def write(self, step: int, scalars: Mapping[str, float]) -> None:
+        """One JSON line ``{"step": step, **scalars}`` and one TensorBoard scalar per key."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for key, value in scalars.items():
+            self._tb.add_scalar(key, float(value), int(step))
+        self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+def read_jsonl(path: str) -> list[dict[str, float]]:
+    """The records of a ``metrics.jsonl``, in file order."""
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def progress_line(
+    step: int, total: int, scalars: Mapping[str, float], elapsed_per_step: float
+) -> str:
+    """``step 1000/64000 | loss 0.532 | error 18.20% | lr 0.1 | 2345 img/s | ETA 1:02:03``."""
+    parts = [f"step {step}/{total}"]
+    if "train_loss" in scalars:
+        parts.append(f"loss {scalars['train_loss']:.4f}")
+    if "train_error" in scalars:
+        parts.append(f"error {100 * scalars['train_error']:.2f}%")
+    if "learning_rate" in scalars:
+        parts.append(f"lr {scalars['learning_rate']:.4g}")
+    if "images_per_second" in scalars:
+        parts.append(f"{scalars['images_per_second']:.0f} img/s")
+    if math.isfinite(elapsed_per_step):
+        eta = datetime.timedelta(seconds=round(elapsed_per_step * (total - step)))
+        parts.append(f"ETA {eta}")
+    return " | ".join(parts)
+
+
+def plot_curves(records: Sequence[Mapping[str, float]], path: str, title: str = "") -> None:
+    """Training error (thin) and test error (bold) in % against iterations, as in Fig. 6."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def series(key: str) -> tuple[np.ndarray, np.ndarray]:
+        pts = [(r["step"], 100 * r[key]) for r in records if key in r]
+        return (np.array([p[0] for p in pts]), np.array([p[1] for p in pts]))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    steps, err = series("train_error")
+    ax.plot(steps, err, linewidth=0.8, color="C0", label="training error")
+    steps, err = series("test_error")
+    ax.plot(steps, err, linewidth=2.5, color="C0", label="test error", marker="o" if
+            len(steps) < 3 else None)
+    ax.set_xlabel("iterations")
+    ax.set_ylabel("error (%)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
