@@ -93,7 +93,9 @@ def _build(kw: dict[str, Any], overrides: dict[str, Any]) -> ResNet:
             kw[f] = _dtype(kw[f], f)
     if kw.get("stage_sizes") is not None:
         kw["stage_sizes"] = tuple(int(n) for n in kw["stage_sizes"])
-    return ResNet(**kw)
+    model = ResNet(**kw)
+    model.validate()  # fail here, in one line, not at trace time
+    return model
 
 
 def _named(family: Callable[..., ResNet], depth: int, **fixed: Any) -> Callable[..., ResNet]:

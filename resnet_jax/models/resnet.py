@@ -129,7 +129,8 @@ class ResNet(nn.Module):
     scan_blocks: bool = False
     return_features: bool = False
 
-    def _validate(self) -> None:
+    def validate(self) -> None:
+        """Raise a one-line ValueError for any invalid field combination."""
         check_shortcut(self.shortcut)
         if self.stem not in STEMS:
             raise ValueError(f"stem={self.stem!r} is not one of {STEMS}.")
@@ -139,6 +140,7 @@ class ResNet(nn.Module):
             raise ValueError(
                 f"width={self.width} and num_classes={self.num_classes} must be positive."
             )
+        self._block_extras()
 
     def _block_extras(self) -> dict[str, Any]:
         """Fields beyond the block contract, passed only where the block class declares them."""
@@ -161,7 +163,7 @@ class ResNet(nn.Module):
     def __call__(
         self, x: Array, train: bool = False, bn_axis_name: str | None = None
     ) -> Array | tuple[Array, dict[str, Array]]:
-        self._validate()
+        self.validate()
         conv = functools.partial(
             nn.Conv,
             use_bias=False,  # BN follows every conv (§3.4), so a bias is redundant
