@@ -75,10 +75,9 @@ def summarize(
     module = models.create(model, **overrides) if isinstance(model, str) else model
     if image_size is None:
         image_size = default_image_size(module)
-    # Scanning does not change the arithmetic; unrolled, every block's conv is seen once.
-    module = module.clone(scan_blocks=False, return_features=False)
+    module = module.clone(return_features=False)
 
-    macs: dict[str, int] = {}
+    macs: dict[tuple[str, ...], int] = {}
     shapes: dict[str, tuple[int, ...]] = {}
 
     def count(next_fun, args, kwargs, context):
@@ -92,7 +91,10 @@ def summarize(
         if isinstance(mod, nn.Conv | nn.Dense):
             kernel = mod.variables["params"]["kernel"]
             # per output position: k_h * k_w * c_in/groups * c_out
-            macs[top] = macs.get(top, 0) + math.prod(out.shape[1:-1]) * math.prod(kernel.shape)
+            n = math.prod(out.shape[1:-1]) * math.prod(kernel.shape)
+            if mod.path[1:2] == ("blocks",):  # one scanned body stands for blocks 1..n-1
+                n *= module.stage_sizes[int(top.removeprefix("stage")) - 1] - 1
+            macs[mod.path] = n  # keyed by path: nn.scan may trace its body more than once
         return out
 
     def init() -> Any:
@@ -109,7 +111,7 @@ def summarize(
             top,
             shapes.get(top, ()),
             sum(math.prod(x.shape) for x in jax.tree.leaves(params.get(top, {}))),
-            macs.get(top, 0),
+            sum(n for path, n in macs.items() if path[0] == top),
         )
         for top in order
     ]

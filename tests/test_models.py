@@ -314,3 +314,8 @@ def test_resnet1202_compiles_fast_with_scan():
     x = jnp.zeros((1, 32, 32, 3))
     hlo = jax.jit(lambda k: model.init(k, x)).lower(jax.random.key(0)).as_text()
     assert hlo.count("while") >= 3 and len(hlo) < 2_000_000
+
+
+def test_summary_counts_scanned_and_unrolled_stages_alike():
+    scanned, unrolled = summarize("resnet56"), summarize("resnet56", scan_blocks=False)
+    assert scanned.rows == unrolled.rows
