@@ -18,7 +18,7 @@ from resnet_jax.train.config import default_config
 def get_config() -> ml_collections.ConfigDict:
     c = default_config()
     c.model = "resnet20"
-    c.model_kwargs = ml_collections.ConfigDict({"width": 8})
+    c.model_kwargs.width = 8
     c.dataset = "digits"
     c.batch_size = 64
     c.eval_batch_size = 360

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ml_collections
+from ml_collections import config_dict
 
 from resnet_jax.train import optim
 
@@ -15,11 +16,34 @@ def _data_defaults() -> ml_collections.ConfigDict:
     return data.default_config()
 
 
+def model_kwargs_defaults() -> ml_collections.ConfigDict:
+    """Overrides for ``models.create``; None keeps the model's default (only set ones are passed).
+
+    Listed up front because a locked config (and the command line) cannot add fields.
+    """
+    return ml_collections.ConfigDict({
+        "depth": config_dict.placeholder(int),  # for cifar_resnet / imagenet_resnet / *_plain
+        "width": config_dict.placeholder(int),  # filters of the first stage (paper: 16 / 64)
+        "shortcut": config_dict.placeholder(str),  # "A" | "B" | "C" | "none" (§3.3)
+        "stride_in": config_dict.placeholder(str),  # bottleneck stride on "1x1" | "3x3"
+        "param_dtype": config_dict.placeholder(str),
+        "bn_momentum": config_dict.placeholder(float),
+        "bn_epsilon": config_dict.placeholder(float),
+        "zero_init_last_bn": config_dict.placeholder(bool),
+        "scan_blocks": config_dict.placeholder(bool),
+    })
+
+
+def model_overrides(config: ml_collections.ConfigDict) -> dict:
+    """The ``model_kwargs`` that are set (not None)."""
+    return {k: v for k, v in config.model_kwargs.to_dict().items() if v is not None}
+
+
 def default_config() -> ml_collections.ConfigDict:
     """Every field the engine reads, at the paper's CIFAR recipe (§4.2) with a small model."""
     c = ml_collections.ConfigDict()
     c.model = "resnet20"
-    c.model_kwargs = ml_collections.ConfigDict()  # overrides for models.create, e.g. width=8
+    c.model_kwargs = model_kwargs_defaults()
     c.dataset = "cifar10"
     c.data = _data_defaults()
 

@@ -37,8 +37,9 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) 
 
 
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
-    """``models.create(config.model, num_classes=..., dtype=..., **config.model_kwargs)``."""
-    kwargs = {"num_classes": num_classes, "dtype": config.dtype, **config.model_kwargs.to_dict()}
+    """``models.create(config.model, num_classes=..., dtype=..., **set model_kwargs)``."""
+    kwargs = {"num_classes": num_classes, "dtype": config.dtype}
+    kwargs.update(config_lib.model_overrides(config))
     return models.create(config.model, **kwargs)
 
 

@@ -106,7 +106,7 @@ def train_step(
     }
     if axis_name is not None:
         metrics = jax.lax.pmean(metrics, axis_name)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = optim.current_learning_rate(new_state.opt_state)
     return new_state, metrics
 
