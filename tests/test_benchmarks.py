@@ -1,0 +1,45 @@
+"""Smoke tests of the benchmark harness: each script runs on a tiny net and ends in valid JSON.
+
+Speed is never asserted here (benchmarks/RESULTS.md holds the measured numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_json(script: str, *args: str) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, "--json"],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+TINY = ["--arch", "resnet20", "--width", "4", "--batch", "8", "--image", "16",
+        "--warmup", "1", "--steps", "2", "--no-peak"]
+
+
+@pytest.mark.parametrize("script", ["train_step.py", "eval_step.py"])
+def test_step_benchmarks_print_json_with_a_same_run_baseline(script):
+    r = run_json(script, *TINY, "--baseline", "plain")
+    for key in ("images_per_second", "compile_seconds", "step_seconds_median", "vs_plain",
+                "peak_memory_bytes", "flops_per_image"):
+        assert r[key] > 0, key
+    assert r["timed_steps"] == 2 and r["backend"] == "cpu"
+    assert "flop_utilization" in r
+
+
+def test_input_pipeline_benchmark_prints_json():
+    r = run_json("input_pipeline.py", "--batch", "16", "--warmup", "1", "--batches", "3")
+    assert r["images_per_second"] > 0 and r["image_shape"] == [32, 32, 3]
