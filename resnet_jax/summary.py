@@ -63,12 +63,14 @@ class Summary:
         return "\n".join(lines)
 
 
-def default_image_size(model: models.ResNet) -> int:
-    return 32 if model.stem == "cifar" else 224
+def default_image_size(model: nn.Module) -> int:
+    if isinstance(model, models.ResNet):
+        return 32 if model.stem == "cifar" else 224
+    return int(model.default_image_size)  # other registered nets (VGG) declare theirs
 
 
 def summarize(
-    model: str | models.ResNet, image_size: int | None = None, **overrides: Any
+    model: str | nn.Module, image_size: int | None = None, **overrides: Any
 ) -> Summary:
     """Parameters and multiply-adds of every top-level part of ``model`` for one image."""
     name = model if isinstance(model, str) else type(model).__name__

@@ -31,9 +31,11 @@ from resnet_jax.models.resnet import (
     cifar_stage_sizes,
     he_normal,
 )
+from resnet_jax.models.vgg import VGG, vgg19
 
 __all__ = [
     "SHORTCUTS",
+    "VGG",
     "BasicBlock",
     "BottleneckBlock",
     "ResNet",
@@ -127,6 +129,7 @@ _REGISTRY["cifar_resnet"] = _any_depth(cifar)
 _REGISTRY["cifar_plain"] = _any_depth(cifar, shortcut="none")
 _REGISTRY["imagenet_resnet"] = _any_depth(imagenet)
 _REGISTRY["imagenet_plain"] = _any_depth(imagenet, shortcut="none")
+_REGISTRY["vgg19"] = vgg19  # the cost baseline of §3.3 / Fig. 3 (resnet_jax/models/vgg.py)
 
 
 def names() -> list[str]:
