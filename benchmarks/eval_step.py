@@ -9,10 +9,6 @@ Times ``resnet_jax.train.step.eval_step`` (forward in eval mode + masked sums) u
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import baselines
 import harness

@@ -11,10 +11,6 @@ fraction of a matmul measured in the same run, and peak memory; ``--json`` adds 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import baselines
 import harness
