@@ -33,7 +33,7 @@ def get_config(arch: str = "resnet50") -> ml_collections.ConfigDict:
     c.model = arch
     c.dataset = "imagenet2012"
     c.batch_size = 256
-    c.eval_batch_size = 250
+    c.eval_batch_size = 256  # a power of two splits over any power-of-two device count
     c.num_epochs = 90.0  # overrides num_train_steps (steps = epochs * num_train / batch_size)
     c.num_train_steps = round(90 * IMAGENET_TRAIN_IMAGES / 256)
     c.learning_rate = 0.1

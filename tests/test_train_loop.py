@@ -20,6 +20,7 @@ def test_digits_quick_start_learns(tmp_path: Path) -> None:
     c = module.get_config()
     c.model, c.model_kwargs.depth, c.model_kwargs.width = "cifar_resnet", 8, 8
     c.num_train_steps, c.lr_boundaries, c.log_every_steps, c.eval_every_steps = 120, (80,), 40, 60
+    c.batch_size, c.weight_decay = 64, 1e-4
 
     final = train_and_evaluate(c, str(tmp_path))
 

@@ -48,7 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = _data_defaults()
 
     c.batch_size = 128  # global, over all processes and devices
-    c.eval_batch_size = 500
+    c.eval_batch_size = 512  # a power of two splits over any power-of-two device count
     c.num_train_steps = 64_000
     c.num_epochs = -1.0  # > 0: overrides num_train_steps using the dataset size
     c.eval_every_steps = 2_000
