@@ -3,31 +3,65 @@
     python train.py --config configs/cifar10.py:resnet56 --workdir runs/r56 \
         [--config.field=value ...]
 
-A config error (unknown model or dataset, bad value, batch not divisible by the devices) is
-printed as one line and exits with status 2 before anything is compiled.
+    python train.py --config configs/cifar10.py:resnet56 --workdir runs/r56 --mode eval
+
+Checkpoints go to ``workdir/checkpoints`` (see ``resnet_jax/checkpoint.py``); rerunning the same
+command on a workdir with checkpoints resumes from the newest one. ``--mode eval`` evaluates
+that checkpoint with the config's test protocol (prints the errors, appends to
+``workdir/eval.jsonl``).
+
+Exit status:
+  0    done.
+  2    config error (unknown model or dataset, bad value, batch not divisible by the devices:
+       before anything is compiled; or a checkpoint of another model/config in the workdir),
+       printed as one line.
+  3    non-finite loss or state; the message names the step; the newest checkpoint is the last
+       good one (``checkpoint.EXIT_DIVERGED``).
+  4    no readable checkpoint (all damaged, or none for ``--mode eval``).
+  143  SIGTERM (130: SIGINT): the current step was finished and saved, rerun to resume
+       (128 + signal number, ``checkpoint.EXIT_SIGTERM`` / ``EXIT_SIGINT``). A second signal
+       kills the process at once.
 """
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
+from resnet_jax import checkpoint
 from resnet_jax.data import DataError
 from resnet_jax.train.loop import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "configs/<family>.py[:<arch>]", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard events, checkpoints.")
+flags.DEFINE_enum("mode", "train", ["train", "eval"],
+                  "train (resuming from workdir/checkpoints) or eval (the newest checkpoint).")
 flags.mark_flags_as_required(["config", "workdir"])
+EXIT_NO_CHECKPOINT = 4
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; -v 0 shows it
     try:
-        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+        if flags.FLAGS.mode == "eval":
+            checkpoint.evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir)
+        else:
+            train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
     except (ValueError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except checkpoint.Preempted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(e.exit_code)
+    except checkpoint.TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(checkpoint.EXIT_DIVERGED)
+    except (checkpoint.CheckpointDamaged, checkpoint.CheckpointNotFound) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_NO_CHECKPOINT)
 
 
 if __name__ == "__main__":

@@ -404,9 +404,8 @@ def _multiprocess_worker(workdir: Path, process_id: int, port: int) -> None:
     import jax
 
     jax.distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
-    from resnet_jax.train.loop import train_and_evaluate
-
     from resnet_jax import checkpoint
+    from resnet_jax.train.loop import train_and_evaluate
 
     config = tiny_config(num_train_steps=4)
     train_and_evaluate(config, str(workdir))

@@ -54,6 +54,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval_every_steps = 2_000
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2_000
+    c.keep_checkpoints = 3  # newest checkpoints kept in workdir/checkpoints
     c.seed = 0
 
     c.parallel = "jit"  # "jit" (global view, sharded) | "pmap"
@@ -112,7 +113,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of(config, "weight_decay_mask", optim.WEIGHT_DECAY_MASKS)
     _one_of(config, "lr_boundaries_unit", optim.LR_BOUNDARY_UNITS)
     for field in ("batch_size", "eval_batch_size", "eval_every_steps", "log_every_steps",
-                  "checkpoint_every_steps", "learning_rate"):
+                  "checkpoint_every_steps", "keep_checkpoints", "learning_rate"):
         _positive(config, field)
     if config.num_epochs <= 0:
         _positive(config, "num_train_steps")

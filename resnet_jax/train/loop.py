@@ -17,7 +17,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from resnet_jax import data, models, parallel
+from resnet_jax import checkpoint, data, models, parallel
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train.state import TrainState, create_train_state
@@ -103,7 +103,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bn_sync=config.bn_sync,
     )
     eval_fn = parallel.compile(eval_step, config.parallel, donate_state=False)
-    start_step = 0  # a checkpoint restore (issue 5) sets state and start_step here
+    ckpt = checkpoint.TrainingCheckpoints(
+        workdir, config, num_classes=info.num_classes, image_shape=info.image_shape
+    )
+    state, start_step, base_rng = ckpt.restore(state, base_rng)  # (state, 0, base_rng) if none
     state = train_fn.replicate(state)
 
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, append=start_step > 0)
@@ -114,6 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending: list[Any] = []
     last: dict[str, float] = {}
     t_mark, step_mark = time.perf_counter(), start_step
+    ckpt.watch_signals()  # SIGTERM/SIGINT: finish the step, save, raise checkpoint.Preempted
     try:
         for step in range(start_step, total_steps):
             batch = next(stream)
@@ -124,6 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if done % config.log_every_steps == 0 or done == total_steps:
                 fetched = train_fn.fetch(pending)  # the only host sync between evals
                 pending = []
+                ckpt.check_losses([m["loss"] for m in fetched], first_step=done - len(fetched))
                 elapsed = time.perf_counter() - t_mark
                 mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
                 scalars = {
@@ -137,7 +142,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 _log(metrics_lib.progress_line(
                     done, total_steps, scalars, elapsed / (done - step_mark)
                 ))
-            if done % config.eval_every_steps == 0 or done == total_steps:
+            stop = ckpt.step_done(
+                done, state, fetch=train_fn.fetch, pending=pending, total_steps=total_steps
+            )  # saves at checkpoint steps, the last step and on a stop request
+            if not stop and (done % config.eval_every_steps == 0 or done == total_steps):
                 t_eval = time.perf_counter()
                 test = evaluate(eval_fn, state, config)
                 t_mark += time.perf_counter() - t_eval  # images/s counts training time only
@@ -151,9 +159,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 last.update(scalars)
             if "images_per_second" in scalars:
                 t_mark, step_mark = time.perf_counter(), done
+            if stop:
+                raise ckpt.preempted(done)
     finally:
         stream.close()
         writer.close()
+        ckpt.close()  # waits for the asynchronous saves
     if is_main:
         metrics_lib.plot_curves(
             metrics_lib.read_jsonl(os.path.join(workdir, "metrics.jsonl")),
