@@ -1,0 +1,236 @@
+"""The depth study of Fig. 6 / Table 6: plain and residual nets of several depths, one recipe.
+
+Each net trains in ``workdir/<arch>`` through :func:`resnet_jax.train.loop.train_and_evaluate`
+(which resumes a partial run from its checkpoints); a net whose ``metrics.jsonl`` already has
+the final step with a test error is skipped. ``workdir/<arch>/study_config.json`` records the
+config the net was trained with, so a rerun with another recipe fails instead of mixing runs.
+Then ``fig6.png`` (training error dashed, test error bold, plain | residual side by side, as
+Fig. 6) and ``depth.md`` / ``depth.csv`` (final errors beside Table 6).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+from resnet_jax import checkpoint
+from resnet_jax.train import metrics as metrics_lib
+from resnet_jax.train.loop import train_and_evaluate
+
+# Table 6: CIFAR-10 test error (%), best of the paper's runs; plain nets appear only in Fig. 6.
+PAPER_TEST_ERROR = {"resnet20": 8.75, "resnet32": 7.51, "resnet44": 7.17, "resnet56": 6.97,
+                    "resnet110": 6.43, "resnet1202": 7.93}
+FIG6_ARCHS = ("plain20", "plain32", "plain44", "plain56",
+              "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+STUDY_CONFIG = "study_config.json"
+
+
+def scale_schedule(config: ml_collections.ConfigDict, steps: int) -> str:
+    """Shorten (or stretch) the step schedule to ``steps``, in place; returns what changed.
+
+    The lr boundaries scale with the run (§4.2's 32k/48k of 64k become 0.5N/0.75N), and so do
+    the eval, log and checkpoint intervals (the same number of points on the curves). The
+    warm-up of ResNet-110/1202 (0.01 "until the training error is below 80%", ~400 iterations)
+    is a number of iterations, not a fraction of the run, and is kept.
+    """
+    if steps < 1:
+        raise ValueError(f"--steps={steps} must be >= 1.")
+    if config.num_epochs > 0 or config.lr_boundaries_unit != "steps":
+        raise ValueError("--steps scales a schedule given in steps; this config counts epochs "
+                         "(num_epochs / lr_boundaries_unit); set --config.num_train_steps and "
+                         "--config.lr_boundaries instead.")
+    old = int(config.num_train_steps)
+    f = steps / old
+    old_bounds = tuple(int(b) for b in config.lr_boundaries)
+    config.num_train_steps = steps
+    config.lr_boundaries = tuple(max(1, round(b * f)) for b in old_bounds)
+    for field in ("eval_every_steps", "log_every_steps", "checkpoint_every_steps"):
+        config[field] = max(1, min(steps, round(config[field] * f)))
+    return (f"schedule scaled from {old} to {steps} steps (x{f:.4g}): lr boundaries "
+            f"{old_bounds} -> {tuple(config.lr_boundaries)}; eval every "
+            f"{config.eval_every_steps}, log every {config.log_every_steps} steps"
+            + (f"; warm-up kept at {config.warmup_steps} steps" if config.warmup_steps else ""))
+
+
+def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _resume_safe(key: str) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in checkpoint.RESUME_SAFE_FIELDS)
+
+
+def check_study_config(config: ml_collections.ConfigDict, netdir: str) -> None:
+    """Record ``config`` in ``netdir``, or raise if the recorded one differs in what is computed
+    (fields other than ``checkpoint.RESUME_SAFE_FIELDS``)."""
+    path = os.path.join(netdir, STUDY_CONFIG)
+    now = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        with open(path) as f:
+            before = _flat(json.load(f))
+        flat = _flat(now)
+        diff = sorted(k for k in set(before) | set(flat)
+                      if before.get(k) != flat.get(k) and not _resume_safe(k))
+        if diff:
+            raise ValueError(
+                f"{netdir} was trained with another config (fields {diff}); use another "
+                "--workdir or the same overrides."
+            )
+    os.makedirs(netdir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(now, f, indent=1, sort_keys=True)
+
+
+def load_study_config(netdir: str) -> ml_collections.ConfigDict:
+    """The config a net of the study was trained with (``netdir/study_config.json``)."""
+    path = os.path.join(netdir, STUDY_CONFIG)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} is missing; train the net with the depth command first.")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def _records(netdir: str) -> list[dict[str, float]]:
+    path = os.path.join(netdir, "metrics.jsonl")
+    return metrics_lib.read_jsonl(path) if os.path.exists(path) else []
+
+
+def is_complete(netdir: str, total_steps: int) -> bool:
+    """The run logged its final test error (the loop evaluates at the last step)."""
+    return any(r["step"] == total_steps and "test_error" in r for r in _records(netdir))
+
+
+def run_study(configs: Mapping[str, ml_collections.ConfigDict], workdir: str) -> list[str]:
+    """Train every net (in order) in ``workdir/<arch>``; returns the archs that were skipped."""
+    skipped = []
+    for arch, config in configs.items():
+        netdir = os.path.join(workdir, arch)
+        check_study_config(config, netdir)
+        if is_complete(netdir, int(config.num_train_steps)):
+            print(f"{arch}: complete ({config.num_train_steps} steps), skipped", flush=True)
+            skipped.append(arch)
+            continue
+        print(f"{arch}: training in {netdir}", flush=True)
+        train_and_evaluate(config, netdir)
+    return skipped
+
+
+@dataclasses.dataclass(frozen=True)
+class NetResult:
+    arch: str
+    steps: int
+    train_error: float  # %, the mean over the last logging interval
+    test_error: float  # %, at the last step
+    paper_test_error: float | None
+
+
+def results(archs: Sequence[str], workdir: str, *, cifar10: bool) -> list[NetResult]:
+    """Final training and test errors of each net's ``metrics.jsonl``; the paper's Table 6
+    test error beside them only for a CIFAR-10 study."""
+    out = []
+    for arch in archs:
+        records = _records(os.path.join(workdir, arch))
+        train = [r for r in records if "train_error" in r]
+        test = [r for r in records if "test_error" in r]
+        if not train or not test:
+            raise ValueError(f"{workdir}/{arch}/metrics.jsonl has no train and test errors yet.")
+        out.append(NetResult(arch, int(test[-1]["step"]), 100 * train[-1]["train_error"],
+                             100 * test[-1]["test_error"],
+                             PAPER_TEST_ERROR.get(arch) if cifar10 else None))
+    return out
+
+
+def _depth(arch: str) -> int:
+    m = re.search(r"(\d+)", arch)
+    return int(m.group(1)) if m else 0
+
+
+def plot_fig6(archs: Sequence[str], workdir: str, path: str, title: str = "") -> None:
+    """Fig. 6: error (%) against iterations; dashed training error, bold test error; plain nets
+    on the left, residual nets on the right, one colour per depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = {"plain": [a for a in archs if a.startswith("plain")],
+                "ResNet": [a for a in archs if not a.startswith("plain")]}
+    panels = {k: v for k, v in families.items() if v}
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.2), sharey=True,
+                             squeeze=False)
+    depths = sorted({_depth(a) for a in archs})
+    colour = {d: f"C{i}" for i, d in enumerate(depths)}
+    for ax, (family, nets) in zip(axes[0], panels.items(), strict=True):
+        for arch in nets:
+            records = _records(os.path.join(workdir, arch))
+            c = colour[_depth(arch)]
+            for key, style in (("train_error", dict(linestyle="--", linewidth=0.9)),
+                               ("test_error", dict(linestyle="-", linewidth=2.2))):
+                pts = [(r["step"], 100 * r[key]) for r in records if key in r]
+                if pts:
+                    xs, ys = zip(*pts, strict=True)
+                    label = arch if key == "test_error" else None
+                    ax.plot(xs, ys, color=c, label=label, **style)
+        ax.set_title(f"{family} (dashed: training error, bold: test error)", fontsize=10)
+        ax.set_xlabel("iterations")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("error (%)")
+    axes[0][0].set_ylim(bottom=0)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_tables(rows: Sequence[NetResult], workdir: str, header: str) -> str:
+    """``depth.csv`` and ``depth.md`` (with ``header``: the recipe and any scaling note)."""
+    with open(os.path.join(workdir, "depth.csv"), "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["net", "steps", "train_error", "test_error", "paper_test_error"])
+        for r in rows:
+            paper = "" if r.paper_test_error is None else r.paper_test_error
+            w.writerow([r.arch, r.steps, f"{r.train_error:.2f}", f"{r.test_error:.2f}", paper])
+    lines = [header, "",
+             "| net | steps | final training error (%) | test error (%) | paper test error (%) |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        paper = "—" if r.paper_test_error is None else f"{r.paper_test_error:.2f}"
+        lines.append(f"| {r.arch} | {r.steps} | {r.train_error:.2f} | {r.test_error:.2f} "
+                     f"| {paper} |")
+    lines += ["", "Training error: mean over the last logging interval (augmented batches, BN in "
+              "training mode). Paper: Table 6 (CIFAR-10, 64k iterations); plain nets appear "
+              "only in Fig. 6."]
+    text = "\n".join(lines) + "\n"
+    with open(os.path.join(workdir, "depth.md"), "w") as f:
+        f.write(text)
+    return text
+
+
+def recipe_header(config: ml_collections.ConfigDict, archs: Sequence[str], note: str) -> str:
+    """The markdown header of ``depth.md``: what was trained, with the schedule note."""
+    lines = [
+        f"# Depth study (Fig. 6 / Table 6): {', '.join(archs)}",
+        "",
+        f"Dataset {config.dataset}, batch {config.batch_size}, {config.num_train_steps} steps, "
+        f"lr {config.learning_rate} x{config.lr_decay_factor} at {tuple(config.lr_boundaries)}, "
+        f"momentum {config.momentum}, weight decay {config.weight_decay}.",
+    ]
+    if note:
+        lines += ["", f"**{note[0].upper()}{note[1:]}.** The paper trains 64k iterations; "
+                  "numbers from a shortened schedule are not the paper's."]
+    return "\n".join(lines)
