@@ -203,6 +203,7 @@ def plot_fig7(per_net: Mapping[str, Sequence[LayerStd]], path: str, title: str =
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5))
     for k, (net, layers) in enumerate(per_net.items()):
@@ -216,6 +217,7 @@ def plot_fig7(per_net: Mapping[str, Sequence[LayerStd]], path: str, title: str =
     bottom.set_xlabel("layer index (sorted by magnitude)")
     for ax in (top, bottom):
         ax.set_ylabel("std")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if title:
