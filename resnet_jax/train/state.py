@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from resnet_jax import models
 from resnet_jax.train import optim
 
 
@@ -53,8 +54,7 @@ def create_train_state(
     ``steps_per_epoch`` converts epoch-valued LR boundaries to steps. Deterministic in ``rng``,
     so every process of a multi-host run builds the same state.
     """
-    x = jnp.zeros((1, *image_shape), jnp.float32)
-    variables = jax.jit(lambda r: model.init(r, x, train=False))(rng)
+    variables = models.init(model, rng, (1, *image_shape))
     tx = optim.create_optimizer(config, steps_per_epoch)
     params = variables["params"]
     return TrainState(

@@ -38,7 +38,7 @@ def _forward_train(
             variables, x, train=True, mutable=["batch_stats"], bn_axis_name=bn_axis_name,
             rngs={"dropout": rng},
         )
-        return logits, new["batch_stats"]
+        return logits, new.get("batch_stats", {})  # {} for a net without BN (VGG-19)
 
     if bn_groups == 1:
         return apply(images)
