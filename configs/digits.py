@@ -8,7 +8,7 @@ short piecewise schedule. No download; runs on a laptop CPU.
 
 Expect (measured on a 2-core CPU, otherwise idle): 1.94 % test error (7 of 360) at step 1000
 with seed 0; seeds 1 and 2 give 2.78 %. 131-142 s wall for the whole command, compilation
-included (~260 img/s). ResNet-20 at width 12: 152k parameters.
+included (~260 img/s). ResNet-20 at width 12: 152,182 parameters.
 Not a paper number: the paper has no digits experiment; this checks the engine end to end.
 """
 
