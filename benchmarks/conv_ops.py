@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 from collections.abc import Callable
 
 import harness
@@ -24,13 +22,7 @@ SHAPES = [(32, 16), (16, 32), (8, 64), (56, 64), (14, 256)]  # (side, channels)
 
 
 def median_time(fn: Callable[[], object], reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    return harness.time_steps(fn, fn, 0, reps).median
 
 
 def jax_ops(x: np.ndarray, w: np.ndarray, reps: int) -> dict[str, float]:

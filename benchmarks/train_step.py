@@ -15,12 +15,13 @@ import argparse
 import baselines
 import harness
 import jax
+import numpy as np
 
 from resnet_jax import models, parallel
 from resnet_jax.summary import _parse_override, summarize
 from resnet_jax.train import config as config_lib
 from resnet_jax.train.state import create_train_state
-from resnet_jax.train.step import train_step
+from resnet_jax.train.step import eval_step, train_step
 
 
 def build(args: argparse.Namespace) -> models.ResNet:
@@ -38,36 +39,47 @@ def build(args: argparse.Namespace) -> models.ResNet:
     return model
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def benchmark(train: bool, argv: list[str] | None, description: str) -> dict:
+    """Time resnet_jax's train_step (``train``) or eval_step, then the requested baselines."""
+    parser = argparse.ArgumentParser(description=description)
     harness.add_common_args(parser)
     args = parser.parse_args(argv)
     model = build(args)
     parallel.check_batch_size(args.batch, "batch")
     batch = harness.random_batch(args, model.num_classes, args.image)
+    if not train:
+        batch["mask"] = np.ones((args.batch,), np.float32)
     peak = None if args.no_peak else harness.matmul_peak_flops()
 
-    config = config_lib.default_config()
     state = create_train_state(
-        config, model, jax.random.key(0), image_shape=batch["image"].shape[1:]
+        config_lib.default_config(), model, jax.random.key(0), image_shape=batch["image"].shape[1:]
     )
-    step = parallel.compile(train_step, args.parallel)
+    step = parallel.compile(train_step if train else eval_step, args.parallel,
+                            donate_state=train)
     holder = {"state": step.replicate(state)}
     device_batch = step.shard(batch)
     rng = jax.random.PRNGKey(1)
 
     def run() -> None:
-        holder["state"], metrics = step(holder["state"], device_batch, rng)
+        if train:
+            holder["state"], metrics = step(holder["state"], device_batch, rng)
+        else:
+            metrics = step(holder["state"], device_batch)
         jax.block_until_ready(metrics)
 
     timing = harness.time_steps(run, run, args.warmup, args.steps)
-    flops = 3 * 2 * summarize(model, args.image).mult_adds
-
+    # mult-adds x 2 FLOPs; a train step is ~3 forward passes (forward, input and weight grads)
+    flops = (3 if train else 1) * 2 * summarize(model, args.image).mult_adds
     results = {
-        name: baselines.time_baseline(name, model, batch, args, train=True)
+        name: baselines.time_baseline(name, model, batch, args, train=train)
         for name in args.baseline
     }
-    return harness.report("train_step", args, timing, flops, peak, results)
+    return harness.report("train_step" if train else "eval_step", args, timing, flops, peak,
+                          results)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return benchmark(True, argv, __doc__.splitlines()[0])
 
 
 if __name__ == "__main__":
