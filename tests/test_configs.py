@@ -76,6 +76,9 @@ def test_unknown_model_and_dataset(tmp_path: Path) -> None:
     c.model = "resnet21"
     with pytest.raises(ValueError, match=r"unknown model 'resnet21'.*resnet20"):
         train_and_evaluate(c, str(tmp_path))
+    c.dataset = "no_such_dataset_xyz"  # the model is reported first, before any data is read
+    with pytest.raises(ValueError, match=r"unknown model 'resnet21'"):
+        train_and_evaluate(c, str(tmp_path))
     c = _module("digits").get_config()
     c.dataset = "no_such_dataset_xyz"
     with pytest.raises(Exception, match="no_such_dataset_xyz") as e:

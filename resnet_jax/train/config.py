@@ -101,10 +101,13 @@ def _positive(config: ml_collections.ConfigDict, field: str) -> None:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raise a one-line ValueError naming the bad field and the fix; touches no devices.
 
-    Model and dataset names are checked by building them (``loop.train_and_evaluate``), batch
-    divisibility by ``parallel.check_batch_size`` once the devices are known.
+    The model name and ``model_kwargs`` are checked by building the (untraced) module, so they
+    fail before any data is read; the dataset name by ``data.info``, batch divisibility by
+    ``parallel.check_batch_size`` once the devices are known.
     """
-    from resnet_jax import parallel
+    from resnet_jax import models, parallel
+
+    models.create(config.model, **model_overrides(config))
 
     _one_of(config, "parallel", parallel.MODES)
     _one_of(config, "dtype", DTYPES)
