@@ -9,6 +9,7 @@ rest run in-process. Tiny nets (CIFAR ResNet-8, width 4) on 8x8 synthetic images
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -263,12 +265,24 @@ def _train_state(config: Any) -> tuple[Any, Any]:
     return state, info
 
 
+@contextlib.contextmanager
+def _checkpoints(workdir: Path, config: Any) -> Iterator[tuple[Any, Any]]:
+    """``(TrainingCheckpoints, abstract state)`` for ``workdir``, closed on exit."""
+    from resnet_jax import checkpoint
+
+    state, info = _train_state(config)
+    ckpt = checkpoint.TrainingCheckpoints(str(workdir), config, num_classes=info.num_classes,
+                                          image_shape=info.image_shape)
+    try:
+        yield ckpt, state
+    finally:
+        ckpt.close()
+
+
 def test_truncated_newest_checkpoint_falls_back_with_a_warning(
     reference: Path, tmp_path: Path
 ) -> None:
     import jax
-
-    from resnet_jax import checkpoint
 
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
@@ -279,16 +293,11 @@ def test_truncated_newest_checkpoint_falls_back_with_a_warning(
         f.truncate(biggest.stat().st_size // 2)
 
     config = tiny_config()
-    state, info = _train_state(config)
-    ckpt = checkpoint.TrainingCheckpoints(str(workdir), config, num_classes=info.num_classes,
-                                          image_shape=info.image_shape)
-    try:
+    with _checkpoints(workdir, config) as (ckpt, state):
         with pytest.warns(RuntimeWarning, match=f"checkpoint {newest} .* damaged.*moved"):
             restored, start, _ = ckpt.restore(state, jax.random.PRNGKey(1))
         assert start == previous == int(restored.step)
         assert ckpt.latest_step == previous  # the damaged one is out of the way of a re-save
-    finally:
-        ckpt.close()
     _assert_identical(_variables(workdir), _variables(reference, step=previous), "fallback")
     assert len(list((workdir / "checkpoints_damaged").iterdir())) == 1
 
@@ -347,32 +356,22 @@ def test_checkpoint_of_another_model_or_config_is_a_one_line_error(
     from resnet_jax import checkpoint
 
     config = tiny_config(**overrides)
-    state, info = _train_state(config)
-    ckpt = checkpoint.TrainingCheckpoints(str(reference), config, num_classes=info.num_classes,
-                                          image_shape=info.image_shape)
-    try:
-        with pytest.raises(checkpoint.CheckpointMismatch, match=message) as err:
-            ckpt.restore(state, jax.random.PRNGKey(1))
-    finally:
-        ckpt.close()
+    with (
+        _checkpoints(reference, config) as (ckpt, state),
+        pytest.raises(checkpoint.CheckpointMismatch, match=message) as err,
+    ):
+        ckpt.restore(state, jax.random.PRNGKey(1))
     assert "\n" not in str(err.value)
 
 
 def test_resume_safe_fields_may_change(reference: Path, tmp_path: Path) -> None:
     import jax
 
-    from resnet_jax import checkpoint
-
     workdir = tmp_path / "run"
     shutil.copytree(reference, workdir)
     config = tiny_config(num_train_steps=20, log_every_steps=5, keep_checkpoints=5)
-    state, info = _train_state(config)
-    ckpt = checkpoint.TrainingCheckpoints(str(workdir), config, num_classes=info.num_classes,
-                                          image_shape=info.image_shape)
-    try:
+    with _checkpoints(workdir, config) as (ckpt, state):
         _, start, rng = ckpt.restore(state, jax.random.PRNGKey(1))
-    finally:
-        ckpt.close()
     assert start == STEPS
     # the saved base rng, not the one passed in: the loop's split of PRNGKey(seed)
     assert np.array_equal(rng, jax.random.split(jax.random.PRNGKey(0))[1])
@@ -404,19 +403,13 @@ def _multiprocess_worker(workdir: Path, process_id: int, port: int) -> None:
     import jax
 
     jax.distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
-    from resnet_jax import checkpoint
     from resnet_jax.train.loop import train_and_evaluate
 
     config = tiny_config(num_train_steps=4)
     train_and_evaluate(config, str(workdir))
     # the loop's resume path (a second training run would only add compile time)
-    state, info = _train_state(config)
-    ckpt = checkpoint.TrainingCheckpoints(str(workdir), config, num_classes=info.num_classes,
-                                          image_shape=info.image_shape)
-    try:
+    with _checkpoints(workdir, config) as (ckpt, state):
         restored, start, _ = ckpt.restore(state, jax.random.PRNGKey(1))
-    finally:
-        ckpt.close()
     assert start == 4, start
     flat = _variables(workdir)
     for key, value in jax.tree_util.tree_flatten_with_path(
