@@ -2,9 +2,9 @@
 
 import threading
 
-import ml_collections
 import numpy as np
 import pytest
+from helpers import data_config
 from sklearn.datasets import load_digits
 
 from resnet_jax import data
@@ -12,10 +12,8 @@ from resnet_jax.data import pipeline, sources
 
 
 def make_config(dataset="synthetic", batch_size=16, eval_batch_size=10, **data_fields):
-    d = data.default_config()
-    d.update({"num_train": 50, "num_eval": 23, **data_fields})
-    return ml_collections.ConfigDict(dict(dataset=dataset, batch_size=batch_size,
-                                          eval_batch_size=eval_batch_size, data=d))
+    return data_config(dataset, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                       **{"num_train": 50, "num_eval": 23, **data_fields})
 
 
 def take(it, n):

@@ -4,9 +4,9 @@ import io
 import pickle
 import tarfile
 
-import ml_collections
 import numpy as np
 import pytest
+from helpers import data_config
 
 from resnet_jax import data
 from resnet_jax.data import sources
@@ -61,11 +61,7 @@ def cifar10(tmp_path_factory):
 
 
 def run_config(dataset, archive, **fields):
-    d = data.default_config()
-    d.archive = str(archive)
-    d.update(fields)
-    return ml_collections.ConfigDict(dict(dataset=dataset, batch_size=4, eval_batch_size=4,
-                                          data=d))
+    return data_config(dataset, archive=str(archive), **fields)
 
 
 def test_row_layout_is_rgb_planes():

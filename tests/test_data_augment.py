@@ -3,6 +3,7 @@
 import ml_collections
 import numpy as np
 import pytest
+from helpers import data_config
 
 from resnet_jax import data
 from resnet_jax.data import augment
@@ -11,10 +12,7 @@ RNG = np.random.default_rng(0)
 
 
 def config(**fields):
-    d = data.default_config()
-    d.update({"num_train": 20, "num_eval": 5, **fields})
-    return ml_collections.ConfigDict(dict(dataset="synthetic", batch_size=8, eval_batch_size=4,
-                                          data=d))
+    return data_config(batch_size=8, **{"num_train": 20, "num_eval": 5, **fields})
 
 
 def test_pad_crop_flip_is_a_slice_of_the_zero_padded_image():

@@ -1,21 +1,18 @@
 """TFDS sources through tfds.data_source (no TensorFlow), on tfds.testing.mock_data, and the
 errors for datasets that are not there. Nothing here may touch the network."""
 
-import ml_collections
 import numpy as np
 import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
+from helpers import data_config  # noqa: E402
+
 from resnet_jax import data  # noqa: E402
 
 
 def config(dataset, tmp_path, **fields):
-    d = data.default_config()
-    d.data_dir = str(tmp_path)
-    d.update(fields)
-    return ml_collections.ConfigDict(dict(dataset=dataset, batch_size=4, eval_batch_size=4,
-                                          data=d))
+    return data_config(dataset, data_dir=str(tmp_path), **fields)
 
 
 @pytest.fixture

@@ -1,0 +1,21 @@
+"""Shared test helpers (importable: pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+from resnet_jax import data
+
+
+def data_config(
+    dataset: str = "synthetic", *, batch_size: int = 4, eval_batch_size: int = 4,
+    **data_fields: Any,
+) -> ml_collections.ConfigDict:
+    """The run-config fields the data package reads, with ``data`` overrides."""
+    d = data.default_config()
+    d.update(data_fields)
+    return ml_collections.ConfigDict(
+        dict(dataset=dataset, batch_size=batch_size, eval_batch_size=eval_batch_size, data=d)
+    )
