@@ -107,6 +107,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         workdir, config, num_classes=info.num_classes, image_shape=info.image_shape
     )
     state, start_step, base_rng = ckpt.restore(state, base_rng)  # (state, 0, base_rng) if none
+    # Per-step keys are derived on the host's CPU device: a fold_in on the accelerator would queue
+    # behind the previous step, and placing its result (jit) would make the host wait for it.
+    host_rng = jax.device_put(base_rng, jax.local_devices(backend="cpu")[0])
     state = train_fn.replicate(state)
 
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, append=start_step > 0)
@@ -121,7 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         for step in range(start_step, total_steps):
             batch = next(stream)
-            state, step_metrics = train_fn(state, batch, jax.random.fold_in(base_rng, step))
+            state, step_metrics = train_fn(state, batch, jax.random.fold_in(host_rng, step))
             pending.append(step_metrics)
             done = step + 1
             scalars: dict[str, float] = {}
