@@ -166,8 +166,11 @@ def test_depth_then_responses_commands(tmp_path: Path) -> None:
     args = ["depth", f"--config={ROOT}/configs/digits.py", "--archs=cifar_plain,cifar_resnet",
             "--steps=2", f"--workdir={work}", "--config.model_kwargs.depth=8",
             "--config.model_kwargs.width=4", "--config.batch_size=32"]
-    run = _cli(*args, cwd=tmp_path)
+    run = _cli(*args, "--jobs=2", cwd=tmp_path)  # one lane per net, each on its own core
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "lane 0: cifar_plain on CPU cores" in run.stdout
+    assert "lane 1: cifar_resnet on CPU cores" in run.stdout
+    assert "cifar_resnet: training in" in (work / "lane1.log").read_text()
     full = _config("digits").get_config().num_train_steps
     assert f"schedule scaled from {full} to 2 steps" in run.stdout
     md = (work / "depth.md").read_text()
@@ -185,6 +188,16 @@ def test_depth_then_responses_commands(tmp_path: Path) -> None:
     again = _cli(*args, cwd=tmp_path)  # complete runs are skipped, not retrained
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("complete (2 steps), skipped") == 2
+
+    alone = tmp_path / "alone"  # one net after another in one process: the lanes' numbers
+    run = _cli(*[a.replace(str(work), str(alone)) for a in args], "--train_only", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert not (alone / "fig6.png").exists() and not (alone / "study.json").exists()
+    for net in ("cifar_plain", "cifar_resnet"):
+        lanes, one = (metrics_lib.read_jsonl(str(d / net / "metrics.jsonl")) for d in (work, alone))
+        for key in ("step", "train_loss", "train_error", "test_error"):
+            mine = [r[key] for r in lanes if key in r]
+            assert mine and mine == pytest.approx([r[key] for r in one if key in r], rel=1e-5)
 
     run = _cli("responses", f"--workdir={work}", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -240,6 +253,27 @@ def test_vgg19_contract() -> None:
     assert "batch_stats" in bn.init(jax.random.key(0), x, train=False)
     with pytest.raises(ValueError, match="unknown VGG override"):
         models.create("vgg19", shortcut="A")
+
+
+def test_lanes_balance_depth_and_keep_every_other_flag() -> None:
+    archs = ["plain20", "plain56", "resnet20", "resnet56"]
+    assert depth.split_lanes(archs, 2) == [["plain56", "plain20"], ["resnet56", "resnet20"]]
+    assert depth.split_lanes(archs, 1) == [["plain56", "resnet56", "plain20", "resnet20"]]
+    assert depth.split_lanes(["resnet110", "resnet20", "resnet32"], 2) == [
+        ["resnet110"], ["resnet32", "resnet20"]]
+    assert depth.split_lanes(["plain20"], 4) == [["plain20"]]
+    with pytest.raises(ValueError, match="--jobs must be >= 1"):
+        depth.split_lanes(archs, 0)
+    argv = ["depth", "--config=c.py", "--archs", "plain20,plain56", "--jobs=2", "--steps=10",
+            "--config.data.archive=/x y.tar.gz", "--train_only", "--jobs", "2", "--workdir=W"]
+    assert depth.lane_argv(argv, ["plain56"]) == [
+        "depth", "--config=c.py", "--steps=10", "--config.data.archive=/x y.tar.gz",
+        "--workdir=W", "--archs=plain56", "--jobs=1", "--train_only"]
+    cores = len(os.sched_getaffinity(0))
+    shares = depth.cpu_shares(cores)
+    assert sorted(c for s in shares for c in s) == sorted(os.sched_getaffinity(0))
+    with pytest.raises(ValueError, match=f"pass --jobs {cores} or fewer"):
+        depth.cpu_shares(cores + 1)
 
 
 def test_scale_schedule_is_proportional() -> None:

@@ -15,6 +15,9 @@ import dataclasses
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -126,6 +129,99 @@ def run_study(configs: Mapping[str, ml_collections.ConfigDict], workdir: str) ->
         print(f"{arch}: training in {netdir}", flush=True)
         train_and_evaluate(config, netdir)
     return skipped
+
+
+def split_lanes(archs: Sequence[str], jobs: int) -> list[list[str]]:
+    """Split ``archs`` into at most ``jobs`` lanes of near-equal cost, the deepest net first
+    (longest-processing-time greedy; cost = the depth in the name, e.g. 56 for plain56, or 1).
+    Each lane keeps the order in which its nets were assigned."""
+    if jobs < 1:
+        raise ValueError(f"--jobs must be >= 1; got {jobs}.")
+    lanes: list[list[str]] = [[] for _ in range(min(jobs, len(archs)))]
+    load = [0] * len(lanes)
+    for arch in sorted(archs, key=lambda a: -(_depth(a) or 1)):  # stable: ties keep --archs order
+        i = load.index(min(load))
+        lanes[i].append(arch)
+        load[i] += _depth(arch) or 1
+    return lanes
+
+
+def cpu_shares(jobs: int) -> list[list[int]]:
+    """The CPU cores this process may use, split into ``jobs`` disjoint contiguous shares."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("--jobs > 1 pins each lane to its own CPU cores, which needs Linux "
+                         "(os.sched_setaffinity); run with --jobs 1 here.")
+    cpus = sorted(os.sched_getaffinity(0))
+    if jobs > len(cpus):
+        raise ValueError(f"--jobs {jobs} exceeds the {len(cpus)} CPU cores this process may "
+                         f"use; pass --jobs {len(cpus)} or fewer.")
+    return [cpus[i * len(cpus) // jobs:(i + 1) * len(cpus) // jobs] for i in range(jobs)]
+
+
+def lane_argv(argv: Sequence[str], lane: Sequence[str]) -> list[str]:
+    """``argv`` (a depth command line, without the program) for one lane: its own ``--archs``,
+    ``--jobs=1`` and ``--train_only``; every other flag (config, overrides, steps) unchanged."""
+    drop = ("archs", "jobs", "train_only", "notrain_only")
+    out: list[str] = []
+    skip_value = False
+    for token in argv:
+        if skip_value:
+            skip_value = False
+            continue
+        name = token.lstrip("-").split("=", 1)[0] if token.startswith("-") else None
+        if name in drop:
+            skip_value = "=" not in token and name in ("archs", "jobs")
+            continue
+        out.append(token)
+    return [*out, f"--archs={','.join(lane)}", "--jobs=1", "--train_only"]
+
+
+def run_lanes(argv: Sequence[str], lanes: Sequence[Sequence[str]], workdir: str) -> None:
+    """Train the lanes at once, each a ``python -m resnet_jax.experiments`` process pinned to its
+    share of the CPU cores (XLA sizes its thread pool to that share), logging to
+    ``workdir/lane<i>.log``. On CPU, one core per net beats two cores per net one after another
+    (convolutions on 32x32 images scale poorly across threads; see the README). SIGINT/SIGTERM
+    are passed on to the lanes, which save a checkpoint and stop; a failed lane raises."""
+    shares = cpu_shares(len(lanes))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")  # the shares are CPU cores: lanes run on the CPU
+    procs: list[subprocess.Popen] = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: [p.terminate() for p in procs])
+    try:
+        for i, (lane, cpus) in enumerate(zip(lanes, shares, strict=True)):
+            log = os.path.join(workdir, f"lane{i}.log")
+            cmd = [sys.executable, "-m", "resnet_jax.experiments", *lane_argv(argv, lane)]
+            mine = os.sched_getaffinity(0)
+            os.sched_setaffinity(0, cpus)  # the child inherits this thread's CPU mask
+            try:
+                with open(log, "w") as f:  # own session: signals reach the lane only through us
+                    procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                                  env=env, start_new_session=True))
+            finally:
+                os.sched_setaffinity(0, mine)
+            print(f"lane {i}: {','.join(lane)} on CPU cores {cpus}, log {log}", flush=True)
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    failed = [(i, c) for i, c in enumerate(codes) if c != 0]
+    if failed:
+        i, code = failed[0]
+        raise LaneError(code, f"lane {i} ({','.join(lanes[i])}) exited with status {code}; "
+                        f"see {os.path.join(workdir, f'lane{i}.log')} and rerun the same "
+                        "command to resume.")
+
+
+class LaneError(RuntimeError):
+    """A lane of ``run_lanes`` failed; ``code`` is its exit status."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 @dataclasses.dataclass(frozen=True)
