@@ -29,6 +29,9 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image", type=int, default=None, help="image side (default 32 / 224)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--parallel", default="jit", choices=["jit", "pmap"])
+    parser.add_argument("--cpu-devices", type=int, default=0,
+                        help="split the host CPU into N JAX devices for resnet_jax's step "
+                             "(config.cpu_devices; baselines stay on one device)")
     parser.add_argument("--width", type=int, default=None, help="override the model width")
     parser.add_argument("--stride-in", default=None, choices=["1x1", "3x3"],
                         help="bottleneck stride placement (3x3 = v1.5, torchvision)")
@@ -137,6 +140,7 @@ def report(
         "image": args.image,
         "dtype": args.dtype,
         "parallel": args.parallel,
+        "cpu_devices": args.cpu_devices,
         **machine(),
         "compile_seconds": round(timing.compile_seconds, 3),
         "first_call_seconds": round(timing.first_call_seconds, 3),

@@ -44,6 +44,7 @@ def benchmark(train: bool, argv: list[str] | None, description: str) -> dict:
     parser = argparse.ArgumentParser(description=description)
     harness.add_common_args(parser)
     args = parser.parse_args(argv)
+    parallel.set_cpu_devices(args.cpu_devices)  # before anything touches a device
     model = build(args)
     parallel.check_batch_size(args.batch, "batch")
     batch = harness.random_batch(args, model.num_classes, args.image)

@@ -67,7 +67,8 @@ STATE_FIELDS = ("step", "params", "batch_stats", "opt_state")
 # sub-keys ("distributed" covers "distributed.process_id").
 RESUME_SAFE_FIELDS = (
     "num_train_steps", "num_epochs", "eval_every_steps", "log_every_steps",
-    "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "parallel", "distributed",
+    "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "parallel", "cpu_devices",
+    "distributed",
     "data.archive", "data.data_dir", "data.manual_dir", "data.download", "data.tfds_eval_split",
     "data.eval_protocol", "data.eval_resize", "data.multi_scale_sizes", "data.prefetch",
     "data.workers",

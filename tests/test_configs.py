@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -60,6 +61,7 @@ def test_paper_recipes() -> None:
      ("weight_decay_mask", "bn", "weight_decay_mask='bn'"),
      ("batch_size", 0, "batch_size=0 must be > 0"),
      ("momentum", 1.5, "momentum=1.5 must be in [0, 1)"),
+     ("cpu_devices", -1, "cpu_devices=-1 must be >= 0"),
      ("label_smoothing", 1.0, "label_smoothing=1.0"),
      ("lr_boundaries", (48_000, 32_000), "must be increasing")],
 )
@@ -102,3 +104,40 @@ def test_batch_not_divisible_by_devices_and_cli_one_line(tmp_path: Path) -> None
         "of 8, e.g. --config.batch_size=64."
     ], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_cpu_devices_split_the_host_and_keep_the_math(tmp_path: Path) -> None:
+    """config.cpu_devices=2: one batch shard per CPU device, synced BN = one device's numbers."""
+    finals = {}
+    for n in (0, 2):
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs/digits.py"),
+             "--workdir", str(tmp_path / f"run{n}"), f"--config.cpu_devices={n}",
+             "--config.model=cifar_resnet", "--config.model_kwargs.depth=8",
+             "--config.model_kwargs.width=4", "--config.batch_size=32",
+             "--config.num_train_steps=6", "--config.lr_boundaries=(4,)",
+             "--config.log_every_steps=3", "--config.eval_every_steps=6"],
+            env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"over {max(n, 1)} cpu device(s)" in r.stdout + r.stderr
+        lines = (tmp_path / f"run{n}" / "metrics.jsonl").read_text().splitlines()
+        finals[n] = [json.loads(line) for line in lines]
+    for key in ("train_loss", "train_error", "test_error"):
+        one = [r[key] for r in finals[0] if key in r]
+        assert one and [r[key] for r in finals[2] if key in r] == pytest.approx(one, rel=1e-4)
+
+
+def test_cpu_devices_after_jax_started_is_a_one_line_error() -> None:
+    import jax
+
+    from resnet_jax import parallel
+
+    jax.devices()  # the backend is up
+    n = len(jax.devices("cpu")) + 1
+    with pytest.raises(ValueError, match="comes too late") as e:
+        parallel.set_cpu_devices(n)
+    assert "set_cpu_devices right after `import jax`" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        parallel.set_cpu_devices(-1)

@@ -59,6 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.parallel = "jit"  # "jit" (global view, sharded) | "pmap"
     c.bn_sync = True  # False: BN statistics per device (the paper's multi-GPU setup)
+    c.cpu_devices = 0  # N > 0: split the host CPU into N devices (one per core is fastest)
     c.dtype = "float32"  # compute dtype; params stay float32
 
     # §3.4 / §4.2: SGD, momentum 0.9, weight decay 1e-4, lr 0.1 /10 at 32k and 48k.
@@ -120,6 +121,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _positive(config, field)
     if config.num_epochs <= 0:
         _positive(config, "num_train_steps")
+    if config.cpu_devices < 0:
+        raise ValueError(f"cpu_devices={config.cpu_devices} must be >= 0 (0: JAX's default; "
+                         "N: one CPU device per core, e.g. --config.cpu_devices=2).")
     if not 0.0 <= config.momentum < 1.0:
         raise ValueError(f"momentum={config.momentum} must be in [0, 1); the paper uses 0.9.")
     if config.weight_decay < 0:

@@ -74,6 +74,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     last logged training and test scalars.
     """
     config_lib.validate(config)
+    parallel.set_cpu_devices(config.cpu_devices)
     parallel.initialize_distributed(config)
     parallel.check_batch_size(config.batch_size, "batch_size")
     parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
