@@ -255,6 +255,18 @@ def test_vgg19_contract() -> None:
         models.create("vgg19", shortcut="A")
 
 
+def test_responses_use_single_views() -> None:
+    c = _config("imagenet_studies").get_config("resnet34_C")
+    assert c.data.eval_protocol == "ten_crop"
+    single, note = responses.single_view(c)
+    assert single.data.eval_protocol == "center" and "'ten_crop' -> 'center'" in note
+    assert c.data.eval_protocol == "ten_crop"  # the run's own config is left as it was
+    assert single.to_dict() == {**c.to_dict(), "data": {**c.data.to_dict(),
+                                                          "eval_protocol": "center"}}
+    same = _config("cifar10").get_config("resnet20")
+    assert responses.single_view(same) == (same, "")
+
+
 def test_lanes_balance_depth_and_keep_every_other_flag() -> None:
     archs = ["plain20", "plain56", "resnet20", "resnet56"]
     assert depth.split_lanes(archs, 2) == [["plain56", "plain20"], ["resnet56", "resnet20"]]

@@ -132,7 +132,9 @@ def run_responses() -> None:
     per_net = {}
     for arch in archs:
         netdir = os.path.join(FLAGS.workdir, arch)
-        config = depth.load_study_config(netdir)
+        config, note = responses.single_view(depth.load_study_config(netdir))
+        if note:
+            print(f"{arch}: {note}", flush=True)
         model, variables = resnet_jax.load(netdir)
         stream = data.create(config, "eval", seed=config.seed)
         try:

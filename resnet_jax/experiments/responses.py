@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 SCANNED = "blocks"  # the scanned part of a stage: leading axis = blocks 1..n-1 (models/resnet.py)
@@ -147,6 +148,17 @@ class LayerStd:
     layer: str
     std: float
     values: int  # test examples x positions x channels
+
+
+def single_view(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, str]:
+    """``config`` with the 'center' eval protocol (Fig. 7 is measured on single views), and a
+    note when a multi-view protocol (ten_crop, multi_scale) was replaced ("" otherwise)."""
+    protocol = config.data.get("eval_protocol", "center")
+    if protocol == "center":
+        return config, ""
+    config = ml_collections.ConfigDict(config.to_dict())
+    config.data.eval_protocol = "center"
+    return config, f"eval protocol {protocol!r} -> 'center' (responses need single views)"
 
 
 def layer_responses(
