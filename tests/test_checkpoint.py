@@ -16,6 +16,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -218,6 +219,42 @@ def test_kill9_at_a_random_step_then_restart_is_bit_identical(
     steps = [r["step"] for r in records]
     assert steps == sorted(steps) and len(steps) == len(set(steps)), steps
     assert [r["step"] for r in records if "train_loss" in r] == list(range(2, STEPS + 1, 2))
+    # TensorBoard: the resumed writer marks a purge at the first new step, so a reader drops the
+    # killed run's events from there on and sees each step once, as in metrics.jsonl.
+    events = _tensorboard_events(workdir)
+    assert ("purge", resumed_from + 1) in events
+    seen: list[tuple[int, float]] = []
+    for kind, step, *value in events:
+        if kind == "purge":
+            seen = [(k, v) for k, v in seen if k < step]
+        elif kind == "train_loss":
+            seen.append((step, value[0]))
+    want = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    assert [k for k, _ in seen] == [k for k, _ in want], (seen, want)
+    assert [v for _, v in seen] == pytest.approx([v for _, v in want])
+
+
+def _tensorboard_events(workdir: Path) -> list[tuple]:
+    """("purge", step) and (tag, step, value) of every event file in ``workdir``, in the order
+    written (files by their first event's time; a file is TFRecord-framed Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    files = []
+    for path in workdir.glob("events.out.tfevents.*"):
+        raw, i, events = path.read_bytes(), 0, []
+        while i < len(raw):
+            (n,) = struct.unpack("<Q", raw[i:i + 8])
+            events.append(event_pb2.Event.FromString(raw[i + 12:i + 12 + n]))
+            i += 12 + n + 4
+        files.append(events)
+    out: list[tuple] = []
+    for events in sorted(files, key=lambda events: events[0].wall_time):
+        for e in events:
+            if e.HasField("session_log") and e.session_log.status == e.session_log.START:
+                out.append(("purge", e.step))
+            for v in e.summary.value if e.HasField("summary") else ():
+                out.append((v.tag, e.step, v.simple_value))
+    return out
 
 
 def test_sigterm_saves_the_current_step_and_exits_143(workers: dict, reference: Path) -> None:

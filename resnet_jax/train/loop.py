@@ -113,7 +113,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     host_rng = jax.device_put(base_rng, jax.local_devices(backend="cpu")[0])
     state = train_fn.replicate(state)
 
-    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, append=start_step > 0)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main, append=start_step > 0,
+                                      purge_step=start_step + 1 if start_step > 0 else None)
     stream = data.create(
         config, "train", process_index=jax.process_index(),
         process_count=jax.process_count(), seed=config.seed, start_step=start_step,

@@ -19,7 +19,10 @@ import numpy as np
 class MetricWriter:
     """Scalars to ``workdir/metrics.jsonl`` (appended to when resuming) and TensorBoard events."""
 
-    def __init__(self, workdir: str, *, enabled: bool = True, append: bool = False) -> None:
+    def __init__(self, workdir: str, *, enabled: bool = True, append: bool = False,
+                 purge_step: int | None = None) -> None:
+        """``purge_step``: a resumed run's first new step; TensorBoard then drops the events of
+        the interrupted run logged at or after it (as ``metrics.jsonl`` drops its records)."""
         self.workdir = workdir
         self.enabled = enabled
         self._tb: Any = None
@@ -28,7 +31,7 @@ class MetricWriter:
             from tensorboardX import SummaryWriter
 
             os.makedirs(workdir, exist_ok=True)
-            self._tb = SummaryWriter(workdir)
+            self._tb = SummaryWriter(workdir, purge_step=purge_step)
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a" if append else "w")  # noqa: SIM115
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
