@@ -17,19 +17,17 @@ Exit status:
        printed as one line.
   3    non-finite loss or state; the message names the step; the newest checkpoint is the last
        good one (``checkpoint.EXIT_DIVERGED``).
-  4    no readable checkpoint (all damaged, or none for ``--mode eval``).
+  4    no readable checkpoint (all damaged, or none for ``--mode eval``;
+       ``cli.EXIT_NO_CHECKPOINT``).
   143  SIGTERM (130: SIGINT): the current step was finished and saved, rerun to resume
        (128 + signal number, ``checkpoint.EXIT_SIGTERM`` / ``EXIT_SIGINT``). A second signal
        kills the process at once.
 """
 
-import sys
-
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resnet_jax import checkpoint
-from resnet_jax.data import DataError
+from resnet_jax import checkpoint, cli
 from resnet_jax.train.loop import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "configs/<family>.py[:<arch>]", lock_config=True)
@@ -37,7 +35,6 @@ flags.DEFINE_string("workdir", None, "Directory for metrics, TensorBoard events,
 flags.DEFINE_enum("mode", "train", ["train", "eval"],
                   "train (resuming from workdir/checkpoints) or eval (the newest checkpoint).")
 flags.mark_flags_as_required(["config", "workdir"])
-EXIT_NO_CHECKPOINT = 4
 
 
 def main(argv: list[str]) -> None:
@@ -45,24 +42,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; -v 0 shows it
-    try:
+    with cli.exit_on_error():
         if flags.FLAGS.mode == "eval":
             checkpoint.evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir)
         else:
             train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (ValueError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except checkpoint.Preempted as e:
-        print(str(e), file=sys.stderr)
-        sys.exit(e.exit_code)
-    except checkpoint.TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(checkpoint.EXIT_DIVERGED)
-    except (checkpoint.CheckpointDamaged, checkpoint.CheckpointNotFound) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_NO_CHECKPOINT)
-
 
 if __name__ == "__main__":
     app.run(main)

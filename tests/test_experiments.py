@@ -255,6 +255,19 @@ def test_vgg19_contract() -> None:
         models.create("vgg19", shortcut="A")
 
 
+def test_a_failing_lane_is_one_line_with_its_status(tmp_path: Path) -> None:
+    run = _cli("depth", f"--config={ROOT}/configs/digits.py", "--archs=cifar_plain,cifar_resnet",
+               "--steps=2", f"--workdir={tmp_path}", "--config.model_kwargs.depth=8",
+               "--config.dataset=cifar10", "--config.data.archive=/nonexistent/c10.tar.gz",
+               "--jobs=2", cwd=tmp_path)
+    assert run.returncode == 2, run.stderr[-3000:]
+    errors = [line for line in run.stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error: lane 0 (cifar_plain): CIFAR "
+                                                     "archive '/nonexistent/c10.tar.gz' not found")
+    assert "--config.data.archive=/path/to/cifar-10-python.tar.gz" in errors[0]
+    assert "Traceback" not in (tmp_path / "lane1.log").read_text()
+
+
 def test_responses_use_single_views() -> None:
     c = _config("imagenet_studies").get_config("resnet34_C")
     assert c.data.eval_protocol == "ten_crop"

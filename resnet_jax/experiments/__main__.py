@@ -20,7 +20,8 @@ as in train.py). ``--steps N`` shortens the schedule proportionally (lr boundari
 ``responses`` loads every net of a depth study (``resnet_jax.load``) and measures Fig. 7's layer
 responses on its test set (the data config saved with the run).
 
-Exit status: 0 done; 2 usage or config error (one line); otherwise as train.py.
+Exit status: 0 done; 2 usage, config or data error (one line); otherwise as train.py (with
+``--jobs``: the first failing lane's status and error line).
 """
 
 from __future__ import annotations
@@ -162,11 +163,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError(f"give one command of {COMMANDS}; got {argv[1:]}.")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
-    try:
+    from resnet_jax import cli
+
+    with cli.exit_on_error():
         {"depth": run_depth, "responses": run_responses, "tables": run_tables}[argv[1]]()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -211,9 +211,12 @@ def run_lanes(argv: Sequence[str], lanes: Sequence[Sequence[str]], workdir: str)
     failed = [(i, c) for i, c in enumerate(codes) if c != 0]
     if failed:
         i, code = failed[0]
-        raise LaneError(code, f"lane {i} ({','.join(lanes[i])}) exited with status {code}; "
-                        f"see {os.path.join(workdir, f'lane{i}.log')} and rerun the same "
-                        "command to resume.")
+        log = os.path.join(workdir, f"lane{i}.log")
+        with open(log) as f:
+            said = [line.strip() for line in f if line.startswith("error: ")]
+        reason = said[-1].removeprefix("error: ") if said else f"exit status {code}"
+        raise LaneError(code, f"lane {i} ({','.join(lanes[i])}): {reason} (log: {log}); fix "
+                        "it and rerun the same command: finished nets are kept.")
 
 
 class LaneError(RuntimeError):
