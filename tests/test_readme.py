@@ -53,3 +53,11 @@ def test_model_table_matches_the_code(name, params, mult_adds):
     scale = {"M": 1e6, "G": 1e9}[unit]
     last_digit = 10.0 ** -len(value.partition(".")[2]) * scale
     assert abs(s.mult_adds - float(value) * scale) <= last_digit / 2
+
+
+def test_local_links_and_images_exist():
+    targets = re.findall(r"\]\(([^)#\s]+)\)", README)
+    local = [t for t in targets if not re.match(r"[a-z]+://", t)]
+    assert local, "the README links to files of the repository"
+    missing = [t for t in local if not (ROOT / t).exists()]
+    assert not missing, f"README links to missing files: {missing}"
