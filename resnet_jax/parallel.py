@@ -35,10 +35,10 @@ PMAP_AXIS = "devices"  # the pmap axis name handed to the step
 def set_cpu_devices(count: int) -> None:
     """Split the host CPU into ``count`` JAX devices (``jax_num_cpu_devices``); 0 keeps JAX's
     one. The data-parallel step then runs one batch shard per device at once: on a 2-core host,
-    2 devices train CIFAR ResNet-20 1.3x and evaluate it 1.6x faster than one device using both
-    cores (``benchmarks/RESULTS.md``). Only the CPU backend is affected; with ``bn_sync`` (the
-    default) the statistics are those of the whole batch, so the math is one device's. Must run
-    before JAX touches a device (the loop calls it first)."""
+    2 devices train CIFAR ResNet-20 1.2-1.3x and evaluate it 1.4-1.6x faster than one device
+    using both cores (``benchmarks/RESULTS.md``). Only the CPU backend is affected; with
+    ``bn_sync`` (the default) the statistics are those of the whole batch, so the math is one
+    device's. Must run before JAX touches a device (the loop calls it first)."""
     if count < 0:
         raise ValueError(f"cpu_devices={count} must be >= 0 (0: JAX's default, one CPU device).")
     if count == 0 or jax.config.jax_num_cpu_devices == count:

@@ -103,11 +103,7 @@ def run_depth() -> None:
     if len(lanes) > 1:
         for arch, config in configs.items():  # a changed recipe fails here, before any lane
             depth.check_study_config(config, os.path.join(FLAGS.workdir, arch))
-        try:
-            depth.run_lanes(sys.argv[1:], lanes, FLAGS.workdir)
-        except depth.LaneError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(e.code)
+        depth.run_lanes(sys.argv[1:], lanes, FLAGS.workdir)  # a failed lane: cli.CommandFailed
     depth.run_study(configs, FLAGS.workdir)  # with lanes: every net is complete, all skipped
     first = configs[archs[0]]
     depth.plot_fig6(archs, FLAGS.workdir, os.path.join(FLAGS.workdir, "fig6.png"),

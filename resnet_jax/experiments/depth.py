@@ -23,7 +23,7 @@ from typing import Any
 
 import ml_collections
 
-from resnet_jax import checkpoint
+from resnet_jax import checkpoint, cli
 from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train.loop import train_and_evaluate
 
@@ -180,8 +180,9 @@ def run_lanes(argv: Sequence[str], lanes: Sequence[Sequence[str]], workdir: str)
     """Train the lanes at once, each a ``python -m resnet_jax.experiments`` process pinned to its
     share of the CPU cores (XLA sizes its thread pool to that share), logging to
     ``workdir/lane<i>.log``. On CPU, one core per net beats two cores per net one after another
-    (convolutions on 32x32 images scale poorly across threads; see the README). SIGINT/SIGTERM
-    are passed on to the lanes, which save a checkpoint and stop; a failed lane raises."""
+    (convolutions on 32x32 images scale poorly across threads; ``benchmarks/RESULTS.md``).
+    SIGINT/SIGTERM are passed on to the lanes, which save a checkpoint and stop; a failed lane
+    raises :class:`LaneError` (a ``cli.CommandFailed`` with the lane's exit status)."""
     shares = cpu_shares(len(lanes))
     env = dict(os.environ, JAX_PLATFORMS="cpu")  # the shares are CPU cores: lanes run on the CPU
     procs: list[subprocess.Popen] = []
@@ -219,12 +220,8 @@ def run_lanes(argv: Sequence[str], lanes: Sequence[Sequence[str]], workdir: str)
                         "it and rerun the same command: finished nets are kept.")
 
 
-class LaneError(RuntimeError):
-    """A lane of ``run_lanes`` failed; ``code`` is its exit status."""
-
-    def __init__(self, code: int, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+class LaneError(cli.CommandFailed):
+    """A lane of ``run_lanes`` failed; ``exit_code`` is its exit status."""
 
 
 @dataclasses.dataclass(frozen=True)
