@@ -71,7 +71,7 @@ RESUME_SAFE_FIELDS = (
     "distributed",
     "data.archive", "data.data_dir", "data.manual_dir", "data.download", "data.tfds_eval_split",
     "data.eval_protocol", "data.eval_resize", "data.multi_scale_sizes", "data.prefetch",
-    "data.workers",
+    "data.workers", "data.on_device",
 )
 MODEL_FIELDS = ("model", "model_kwargs")
 
@@ -618,7 +618,6 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
 
     from resnet_jax import data, parallel
     from resnet_jax.train import loop
-    from resnet_jax.train.step import eval_step
 
     config_lib.validate(config)
     parallel.initialize_distributed(config)
@@ -640,7 +639,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     state = TrainState(step=np.int32(s), params=arrays["params"],
                        batch_stats=arrays["batch_stats"], opt_state=(), apply_fn=model.apply,
                        tx=optax.identity())
-    eval_fn = parallel.compile(eval_step, config.parallel, donate_state=False)
+    eval_fn = loop.compile_eval(config)
     results = loop.evaluate(eval_fn, eval_fn.replicate(state), config)
     protocol = config.data.eval_protocol
     _log(f"checkpoint {s} of {config.model} on {config.dataset} ({protocol}): test error "

@@ -129,12 +129,15 @@ def compile(
     *,
     bn_sync: bool = True,
     donate_state: bool = True,
+    per_example: bool = False,
 ) -> ParallelStep:
     """Wrap ``step(state, batch, *args, axis_name=...)`` for ``mode`` in {"jit", "pmap"}.
 
     ``bn_sync=False`` asks for per-device BN statistics: under pmap the step gets
     ``bn_sync=False``, under jit ``bn_groups=jax.device_count()``. Only non-default keywords
-    are passed, so an eval step needs none of them.
+    are passed, so an eval step needs none of them. ``per_example=True``: the outputs are
+    batches, left sharded like the input batch (ready for the next step) instead of
+    replicated; e.g. ``preprocess.gather`` with the device-resident images as "state".
     """
     if mode not in MODES:
         raise ValueError(f"parallel={mode!r} is not one of {MODES}; use --config.parallel=jit.")
@@ -145,7 +148,8 @@ def compile(
         replicated = NamedSharding(mesh, P())
         data = NamedSharding(mesh, P(DATA_AXIS))
         bound = step if bn_sync else functools.partial(step, bn_groups=jax.device_count())
-        fn = jax.jit(bound, out_shardings=replicated, donate_argnums=donate)
+        fn = jax.jit(bound, out_shardings=data if per_example else replicated,
+                     donate_argnums=donate)
 
         def put_replicated(x: Any) -> jax.Array:
             x = np.asarray(x)

@@ -13,8 +13,10 @@ def data_config(
     dataset: str = "synthetic", *, batch_size: int = 4, eval_batch_size: int = 4,
     **data_fields: Any,
 ) -> ml_collections.ConfigDict:
-    """The run-config fields the data package reads, with ``data`` overrides."""
+    """The run-config fields the data package reads, with ``data`` overrides; in-process
+    (``workers=0``) unless asked, as worker processes cost ~1 s each to start."""
     d = data.default_config()
+    d.workers = 0
     d.update(data_fields)
     return ml_collections.ConfigDict(
         dict(dataset=dataset, batch_size=batch_size, eval_batch_size=eval_batch_size, data=d)

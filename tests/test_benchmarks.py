@@ -43,3 +43,14 @@ def test_step_benchmarks_print_json_with_a_same_run_baseline(script):
 def test_input_pipeline_benchmark_prints_json():
     r = run_json("input_pipeline.py", "--batch", "16", "--warmup", "1", "--batches", "3")
     assert r["images_per_second"] > 0 and r["image_shape"] == [32, 32, 3]
+
+
+def test_input_pipeline_imagenet_recipe_prints_json():
+    r = run_json("input_pipeline.py", "--recipe", "imagenet", "--jpegs", "16", "--workers", "1",
+                 "--baseline", "none", "--batch", "4", "--warmup", "1", "--batches", "2")
+    assert r["recipe"] == "imagenet" and r["backend"] == "cpu" and r["cpu_count"] > 0
+    (run,) = r["runs"]
+    assert run["workers"] == 1 and run["images_per_second"] > 0 and run["cpu_ms_per_image"] >= 0
+    # uint8 224x224x3 crop + the draws: label int32, flip bool, 3 float32 PCA coefficients.
+    assert run["bytes_per_image"] == 224 * 224 * 3 + 4 + 1 + 3 * 4
+    assert "vs_tfdata" not in run

@@ -1,7 +1,5 @@
 """resnet_jax.data: the iterator contract (DESIGN.md seam 5) on the digits and synthetic sources."""
 
-import threading
-
 import numpy as np
 import pytest
 from helpers import data_config
@@ -26,10 +24,6 @@ def synthetic_arrays(cfg):
                              d.synthetic_seed)
 
 
-def unnormalize(x, mean):
-    return np.rint(x * 255.0 + mean).astype(np.uint8)
-
-
 def test_info_synthetic_and_digits():
     assert data.info(make_config(num_classes=7)) == data.DatasetInfo(7, (32, 32, 3), 50, 23)
     assert data.info(make_config("digits")) == data.DatasetInfo(10, (32, 32, 3), 1437, 360)
@@ -49,10 +43,13 @@ def test_digits_are_the_real_scans_upsampled():
 def test_batches_have_fixed_shapes_and_dtypes():
     cfg = make_config()
     for b in take(data.create(cfg, "train"), 4):  # 50 examples, batch 16: crosses epochs
-        assert b["image"].shape == (16, 32, 32, 3) and b["image"].dtype == np.float32
+        assert b["image"].shape == (16, 32, 32, 3) and b["image"].dtype == np.uint8
         assert b["label"].shape == (16,) and b["label"].dtype == np.int32
+        assert b["crop"].shape == (16, 2) and b["crop"].dtype == np.int32  # §4.2 draws
+        assert b["flip"].shape == (16,) and b["flip"].dtype == bool
     for b in data.create(cfg, "eval"):
-        assert b["image"].shape == (10, 32, 32, 3) and b["mask"].dtype == np.float32
+        assert b["image"].shape == (10, 32, 32, 3) and b["image"].dtype == np.uint8
+        assert b["mask"].dtype == np.float32
         assert set(b) == {"image", "label", "mask"}
 
 
@@ -76,10 +73,9 @@ def test_resumed_train_stream_equals_uninterrupted():
 def test_every_epoch_is_a_permutation():
     cfg = make_config(augment=False, num_train=48)  # 3 batches of 16 per epoch
     train, _ = synthetic_arrays(cfg)
-    mean = train.images.mean(0, dtype=np.float64).astype(np.float32)
     batches = take(data.create(cfg, "train", seed=0), 6)
     for epoch in (batches[:3], batches[3:]):
-        seen = unnormalize(np.concatenate([b["image"] for b in epoch]), mean)
+        seen = np.concatenate([b["image"] for b in epoch])
         order = np.lexsort(seen.reshape(48, -1).T)
         np.testing.assert_array_equal(seen[order],
                                       train.images[np.lexsort(train.images.reshape(48, -1).T)])
@@ -100,8 +96,7 @@ def test_processes_split_the_global_train_batch():
 @pytest.mark.parametrize("process_count", [1, 2])
 def test_eval_visits_every_example_once(process_count):
     cfg = make_config(eval_batch_size=10)  # 23 examples, not a multiple of 10
-    train, test = synthetic_arrays(cfg)
-    mean = train.images.mean(0, dtype=np.float64).astype(np.float32)  # the training mean
+    _, test = synthetic_arrays(cfg)
     streams = [list(data.create(cfg, "eval", process_index=p, process_count=process_count))
                for p in range(process_count)]
     assert {len(s) for s in streams} == {3}  # every process runs the same number of batches
@@ -113,16 +108,18 @@ def test_eval_visits_every_example_once(process_count):
             assert not s[k]["image"][~keep].any() and not s[k]["label"][~keep].any()
             images.append(s[k]["image"][keep])
             labels.append(s[k]["label"][keep])
-    np.testing.assert_array_equal(unnormalize(np.concatenate(images), mean), test.images)
+    np.testing.assert_array_equal(np.concatenate(images), test.images)
     np.testing.assert_array_equal(np.concatenate(labels), test.labels)
 
 
 def test_validation_split_holds_out_the_last_training_examples():
     cfg = make_config(validation_split=5, eval_batch_size=5)
     train, _ = synthetic_arrays(cfg)
-    mean = train.images[:45].mean(0, dtype=np.float64).astype(np.float32)
     (batch,) = list(data.create(cfg, "eval"))
-    np.testing.assert_array_equal(unnormalize(batch["image"], mean), train.images[45:])
+    np.testing.assert_array_equal(batch["image"], train.images[45:])
+    # §4.2: the mean subtracted on the device is that of the 45 examples trained on.
+    np.testing.assert_allclose(data.device_recipe(cfg).mean,
+                               train.images[:45].mean(0, dtype=np.float64), rtol=1e-6)
 
 
 def test_batch_size_must_divide_by_process_count():
@@ -156,23 +153,3 @@ def test_worker_errors_reach_the_consumer():
         next(it)
     with pytest.raises(StopIteration):  # closed after the error, not silently continuing
         next(it)
-
-
-def test_decoding_runs_off_the_consumer_thread_with_bounded_prefetch():
-    threads, started = set(), []
-
-    def make(k):
-        threads.add(threading.get_ident())
-        started.append(k)
-        return {"k": np.array(k)}
-
-    it = pipeline.Batches(make, range(100), prefetch=3, workers=1)
-    next(it)
-    it.close()
-    assert threading.get_ident() not in threads
-    assert max(started) <= 3  # at most `prefetch` batches ahead of the one consumed
-
-
-def test_prefetch_and_workers_must_be_positive():
-    with pytest.raises(ValueError, match=r"data\.prefetch=0 and data\.workers=1 must be >= 1"):
-        data.create(make_config(prefetch=0, workers=1), "train")

@@ -103,9 +103,10 @@ def test_extracted_folder_reads_the_same(cifar10, tmp_path):
 def test_pipeline_subtracts_the_training_mean(cifar10):
     path, train, test = cifar10
     mean = train[0].mean(0, dtype=np.float64)  # §4.2 per-pixel mean of the training split
-    images = np.concatenate([b["image"] for b in data.create(run_config("cifar10", path),
-                                                              "eval")])[:7]
-    np.testing.assert_allclose(images, (test[0] - mean) / 255.0, atol=1e-6)
+    cfg = run_config("cifar10", path)
+    images = np.concatenate([b["image"] for b in data.create(cfg, "eval")])[:7]
+    np.testing.assert_array_equal(images, test[0])  # uint8: the mean is subtracted on device
+    np.testing.assert_allclose(data.device_recipe(cfg).mean, mean, rtol=1e-6)
 
 
 def test_validation_split_mean_excludes_the_heldout_examples(cifar10):
@@ -114,7 +115,8 @@ def test_validation_split_mean_excludes_the_heldout_examples(cifar10):
     assert data.info(cfg) == data.DatasetInfo(10, (32, 32, 3), 10, 5)
     mean = train[0][:10].mean(0, dtype=np.float64)
     images = np.concatenate([b["image"] for b in data.create(cfg, "eval")])[:5]
-    np.testing.assert_allclose(images, (train[0][10:] - mean) / 255.0, atol=1e-6)
+    np.testing.assert_array_equal(images, train[0][10:])
+    np.testing.assert_allclose(data.device_recipe(cfg).mean, mean, rtol=1e-6)
 
 
 def test_missing_archive_is_a_clear_error(tmp_path):

@@ -24,6 +24,7 @@ from resnet_jax import data, models, summary
 from resnet_jax.experiments import depth, responses
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
+from resnet_jax.train.loop import make_preprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -208,7 +209,8 @@ def test_depth_then_responses_commands(tmp_path: Path) -> None:
         model, variables = resnet_jax.load(str(work / net))
         config = depth.load_study_config(str(work / net))
         stream = data.create(config, "eval", seed=config.seed)
-        want = _direct_stds(model, variables, list(stream))
+        pre = make_preprocess(config)  # uint8 batches: the run's mean subtraction first
+        want = _direct_stds(model, variables, [pre(b) for b in stream])
         stream.close()
         assert [r["layer"] for r in mine] == list(want)  # stem + 3 blocks x 2
         np.testing.assert_allclose([float(r["std"]) for r in mine], list(want.values()),

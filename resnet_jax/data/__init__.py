@@ -2,9 +2,15 @@
 
     info = data.info(config)
     train = data.create(config, "train", process_index=p, process_count=n, seed=s, start_step=k)
-    batch = next(train)  # {"image": f32 (B, H, W, C), "label": i32 (B,)}
+    batch = next(train)  # {"image": u8 (B, H, W, C), "label": i32 (B,), + augmentation draws}
     for batch in data.create(config, "eval", ...):  # + "mask": f32 (B,), 0 for padding
         ...
+    recipe = data.device_recipe(config)  # what the device's preprocess needs (mean, pad)
+
+Batches hold uint8 pixels and random draws (keys: ``resnet_jax.data.pipeline``); the float work
+(mean, §3.4's colour shift, flips, §4.2's pad-and-crop) runs in the jitted step
+(``resnet_jax.train.preprocess``). With ``data.on_device`` (cifar recipe) the training images
+live on the accelerator (``device_table``) and batches carry only indices and draws.
 
 ``config`` is the run config: ``dataset`` (cifar10, cifar100, imagenet2012, any TFDS image
 classification name, digits, synthetic), ``batch_size`` and ``eval_batch_size`` (global) and
@@ -29,8 +35,8 @@ from resnet_jax.data.augment import average_views
 from resnet_jax.data.pipeline import Batches
 from resnet_jax.data.sources import DataError
 
-__all__ = ["Batches", "DataError", "DatasetInfo", "average_views", "create", "default_config",
-           "info"]
+__all__ = ["Batches", "DataError", "DatasetInfo", "DeviceRecipe", "average_views", "create",
+           "default_config", "device_recipe", "device_table", "info"]
 
 EVAL_PROTOCOLS = ("center", "ten_crop", "multi_scale")
 
@@ -68,8 +74,11 @@ def default_config() -> ml_collections.ConfigDict:
         eval_resize=256,  # §3.4: shorter side for "center" and "ten_crop"
         multi_scale_sizes=(224, 256, 384, 480, 640),  # §3.4: shorter sides for "multi_scale"
         # -- engine --
+        on_device=False,  # cifar recipe: keep the uint8 training split on the accelerator and
+        #   run §4.2's pad/crop/flip inside the step (batches carry indices: no host pixels)
         prefetch=2,  # batches decoded ahead of the consumer (>= 1)
-        workers=2,  # background decode/augment threads (>= 1)
+        workers=-1,  # worker processes computing batches; 0: in this process; -1 (auto): all
+        #   cores but one for the imagenet recipe (decode-bound), 0 for the in-memory cifar one
     ))
 
 
@@ -163,6 +172,8 @@ def _prepared(key: _Key, kind: str) -> tuple[sources.Source, sources.Source, np.
     per-channel ImageNet mean (§3.4)."""
     train, test = _splits(key)
     if kind == "imagenet":
+        if isinstance(train, sources.TfdsSource):  # JPEG bytes, decoded by the recipe (§3.4)
+            train, test = train.encoded(), test.encoded()  # type: ignore[attr-defined]
         return train, test, augment.IMAGENET_MEAN_RGB[: train.image_shape[2]]
     if isinstance(train, sources.TfdsSource):
         if None in train.image_shape:
@@ -203,6 +214,44 @@ def _recipe(d: ml_collections.ConfigDict, kind: str, train: sources.Source, mean
         multi_scale_sizes=tuple(int(s) for s in d.multi_scale_sizes), pca_std=float(d.pca_std))
 
 
+class DeviceRecipe(NamedTuple):
+    """What the device half of the recipe needs (``resnet_jax.train.preprocess``)."""
+
+    mean: np.ndarray  # float32, 0..255: per pixel (H, W, C) (cifar, §4.2) or per channel (C,)
+    pad: int  # §4.2: zero padding per side that the "crop" offsets refer to
+
+
+def _open(config: Any) -> tuple[ml_collections.ConfigDict, _Key, str, pipeline.Recipe,
+                                 sources.Source, sources.Source]:
+    d = _data_config(config)
+    key = _key(config, d)
+    kind = _kind(d, _splits(key)[0])
+    train, test, mean = _prepared(key, kind)
+    recipe = _recipe(d, kind, train, mean, key.dataset)
+    if d.on_device and (kind != "cifar" or not isinstance(train, sources.ArraySource)):
+        raise ValueError(f"data.on_device=True needs the cifar recipe's in-memory images; "
+                         f"{key.dataset} streams through the {kind} recipe: set "
+                         "--config.data.on_device=False")
+    return d, key, kind, recipe, train, test
+
+
+def device_recipe(config: Any) -> DeviceRecipe:
+    """The mean (and §4.2 padding) the jitted step's ``preprocess`` applies to this config's
+    batches."""
+    _, _, _, recipe, _, _ = _open(config)
+    return DeviceRecipe(np.asarray(recipe.mean, np.float32), recipe.pad)
+
+
+def device_table(config: Any) -> np.ndarray:
+    """The uint8 training images (N, H, W, C) that ``data.on_device`` keeps on the accelerator;
+    training batches then index into it (``index``)."""
+    d, _, _, _, train, _ = _open(config)
+    if not d.on_device:
+        raise ValueError("device_table is for data.on_device=True; set "
+                         "--config.data.on_device=True")
+    return train.images  # type: ignore[attr-defined]
+
+
 def info(config: Any) -> DatasetInfo:
     """Classes, training image shape and split sizes of the configured dataset. Opens the
     dataset (cached for ``create``) but decodes nothing for TFDS datasets."""
@@ -236,13 +285,13 @@ def create(config: Any, split: str, *, process_index: int = 0, process_count: in
                          f"{process_count}; set --config.{field} to a multiple of it")
     if split == "train" and start_step < 0:
         raise ValueError(f"start_step={start_step} must be >= 0")
-    d = _data_config(config)
-    key = _key(config, d)
-    kind = _kind(d, _splits(key)[0])
-    train, test, mean = _prepared(key, kind)
-    recipe = _recipe(d, kind, train, mean, key.dataset)
+    d, _, _, recipe, train, test = _open(config)
     plan = pipeline.Plan(train if split == "train" else test, recipe,
-                         global_batch // process_count, process_index, process_count, seed)
+                         global_batch // process_count, process_index, process_count, seed,
+                         on_device=bool(d.on_device) and split == "train")
+    from resnet_jax.data.loader import resolve_workers
+
+    workers = resolve_workers(d.workers, recipe.kind)
     if split == "train":
-        return pipeline.train_stream(plan, start_step, prefetch=d.prefetch, workers=d.workers)
-    return pipeline.eval_stream(plan, prefetch=d.prefetch, workers=d.workers)
+        return pipeline.train_stream(plan, start_step, prefetch=d.prefetch, workers=workers)
+    return pipeline.eval_stream(plan, prefetch=d.prefetch, workers=workers)

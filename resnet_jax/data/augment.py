@@ -1,12 +1,17 @@
-"""The paper's augmentation and test-time views, as pure numpy/PIL functions.
+"""The host half of the paper's augmentation and test-time views: pure numpy/PIL functions
+from uint8 images to uint8 crops. Everything in float (mean subtraction, §3.4's PCA colour shift,
+flips, §4.2's pad-and-crop) runs on the device: ``resnet_jax.train.preprocess``.
 
-Pixel scale (every source, both recipes): ``x = (pixel - mean) / 255`` with ``pixel`` in 0..255.
-The paper subtracts the mean from 0..255 pixels (§3.4, §4.2); the extra 1/255 only rescales the
-input (the first conv is followed by BN) and keeps values in about [-1, 1].
+Pixel scale (every source, both recipes, applied on the device): ``x = (pixel - mean) / 255``
+with ``pixel`` in 0..255. The paper subtracts the mean from 0..255 pixels (§3.4, §4.2); the extra
+1/255 only rescales the input (the first conv is followed by BN) and keeps values in about
+[-1, 1].
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -27,43 +32,70 @@ PCA_EIGVEC = np.array([[-0.5675, 0.7192, 0.4009],
 
 
 # ---------------------------------------------------------------------------------------------
-# §4.2 CIFAR recipe: vectorised over a batch of same-size images.
-
-
-def normalize(images: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """uint8 images minus the mean (0..255 units), divided by 255, as float32."""
-    x = np.subtract(images, mean, dtype=np.float32)
-    x *= np.float32(1.0 / PIXEL_SCALE)
-    return x
-
-
-def pad_crop_flip(x: np.ndarray, offsets: np.ndarray, flips: np.ndarray, pad: int) -> np.ndarray:
-    """§4.2: zero-pad ``pad`` pixels per side, crop the original size at ``offsets`` (B, 2)
-    (row, col in [0, 2*pad]), mirror left-right where ``flips`` (B,) is set.
-
-    Padding happens after mean subtraction, so a padded pixel equals the mean image there.
-    """
-    b, h, w, c = x.shape
-    padded = np.zeros((b, h + 2 * pad, w + 2 * pad, c), x.dtype)
-    padded[:, pad:pad + h, pad:pad + w] = x
-    out = np.empty_like(x)
-    for i, ((top, left), flip) in enumerate(zip(offsets, flips, strict=True)):
-        view = padded[i, top:top + h, left:left + w]
-        out[i] = view[:, ::-1] if flip else view
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
 # §3.4 ImageNet recipe: one variable-size image at a time (PIL resampling releases the GIL).
+# An image is a uint8 array or its encoded file (``bytes``, decoded here: see ``_decoded``).
 
 
-def _pil(image: np.ndarray) -> Image.Image:
-    return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+ImageInput = np.ndarray | bytes  # uint8 (H, W, C), or an encoded file (JPEG, PNG, ...)
+_MODES = {1: "L", 3: "RGB"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Decoded:
+    """``img`` holds the stored (h, w) image at 1/``scale`` of its size (DCT scaling)."""
+
+    img: Image.Image
+    h: int
+    w: int
+    scale: float
+    channels: int
+
+
+def _decoded(image: ImageInput, channels: int, shorter: int | None = None) -> _Decoded:
+    """An array as it is; encoded bytes decoded to ``channels`` (3: RGB, grey and CMYK converted
+    as TFDS's 3-channel image feature does; 1: grey). For a JPEG that is to be resized to shorter
+    side ``shorter``, libjpeg decodes it at the smallest of 1, 1/2, 1/4, 1/8 scale that keeps it
+    at least the resized size (``Image.draft``), so a small ``shorter`` decodes few pixels."""
+    if isinstance(image, np.ndarray):
+        h, w, c = image.shape
+        return _Decoded(Image.fromarray(image[..., 0] if c == 1 else image), h, w, 1.0, c)
+    if channels not in _MODES:
+        raise ValueError(f"encoded images decode to 1 or 3 channels, not {channels}")
+    img = Image.open(io.BytesIO(image))
+    w, h = img.size
+    mode, scale = _MODES[channels], 1.0
+    if img.format == "JPEG":
+        want = None if shorter is None else resized_shape(h, w, shorter)[::-1]
+        drafted = img.draft(mode, want)
+        if drafted is not None:
+            scale = w / drafted[1][2]  # its box is the stored image in reduced coordinates
+    if img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")  # CMYK, palette, RGBA, ...
+    if img.mode != mode:
+        img = img.convert(mode)
+    return _Decoded(img, h, w, scale, channels)
 
 
 def _array(img: Image.Image, channels: int) -> np.ndarray:
     a = np.asarray(img)
     return a[..., None] if channels == 1 else a
+
+
+def _crop(d: _Decoded, shorter: int, top: int, left: int, size: int) -> np.ndarray:
+    rh, rw = resized_shape(d.h, d.w, shorter)
+    if not (0 <= top <= rh - size and 0 <= left <= rw - size):
+        raise ValueError(f"crop {size} at ({top}, {left}) outside the resized {rh}x{rw} image")
+    sy, sx = d.h / rh / d.scale, d.w / rw / d.scale
+    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+    return _array(d.img.resize((size, size), Image.BILINEAR, box=box), d.channels)
+
+
+def decode(image: ImageInput, channels: int = 3) -> np.ndarray:
+    """The uint8 (H, W, C) pixels of ``image`` (an array is returned as it is)."""
+    if isinstance(image, np.ndarray):
+        return image
+    d = _decoded(image, channels)
+    return _array(d.img, channels)
 
 
 def resized_shape(h: int, w: int, shorter: int) -> tuple[int, int]:
@@ -73,39 +105,36 @@ def resized_shape(h: int, w: int, shorter: int) -> tuple[int, int]:
     return max(shorter, round(h * shorter / w)), shorter
 
 
-def resize_crop(image: np.ndarray, shorter: int, top: int, left: int, size: int) -> np.ndarray:
-    """Resizes ``image`` (uint8 HWC) so its shorter side is ``shorter`` (bilinear, antialiased)
-    and returns the ``size`` x ``size`` crop at (top, left) of the resized image.
+def resize_crop(image: ImageInput, shorter: int, top: int, left: int, size: int, *,
+                channels: int = 3) -> np.ndarray:
+    """Resizes ``image`` so its shorter side is ``shorter`` (bilinear, antialiased) and returns
+    the ``size`` x ``size`` crop at (top, left) of the resized image. ``channels``: what encoded
+    bytes decode to (arrays keep theirs).
 
     Only the crop is resampled: PIL maps the crop box back to source coordinates, which equals
     cropping the fully resized image up to the filter's footprint at the crop border.
     """
-    h, w, c = image.shape
-    rh, rw = resized_shape(h, w, shorter)
-    if not (0 <= top <= rh - size and 0 <= left <= rw - size):
-        raise ValueError(f"crop {size} at ({top}, {left}) outside the resized {rh}x{rw} image")
-    sy, sx = h / rh, w / rw
-    box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
-    return _array(_pil(image).resize((size, size), Image.BILINEAR, box=box), c)
+    return _crop(_decoded(image, channels, shorter), shorter, top, left, size)
 
 
-def resize_shorter(image: np.ndarray, shorter: int) -> np.ndarray:
+def resize_shorter(image: ImageInput, shorter: int, *, channels: int = 3) -> np.ndarray:
     """The whole image resized so its shorter side is ``shorter``."""
-    h, w, c = image.shape
-    rh, rw = resized_shape(h, w, shorter)
-    if (rh, rw) == (h, w):
-        return image
-    return _array(_pil(image).resize((rw, rh), Image.BILINEAR), c)
+    d = _decoded(image, channels, shorter)
+    rh, rw = resized_shape(d.h, d.w, shorter)
+    if (rh, rw) == (d.h, d.w):
+        return image if isinstance(image, np.ndarray) else _array(d.img, d.channels)
+    box = (0, 0, d.w / d.scale, d.h / d.scale)
+    return _array(d.img.resize((rw, rh), Image.BILINEAR, box=box), d.channels)
 
 
-def train_crop(image: np.ndarray, shorter: int, pos: np.ndarray, flip: bool, size: int
-               ) -> np.ndarray:
+def train_crop(image: ImageInput, shorter: int, pos: np.ndarray, size: int, *,
+               channels: int = 3) -> np.ndarray:
     """§3.4 scale augmentation: shorter side ``shorter``, the ``size`` x ``size`` crop at
-    relative position ``pos`` (2 floats in [0, 1)), mirrored if ``flip``; uint8."""
-    rh, rw = resized_shape(*image.shape[:2], shorter)
+    relative position ``pos`` (2 floats in [0, 1)); uint8 (the flip happens on the device)."""
+    d = _decoded(image, channels, shorter)
+    rh, rw = resized_shape(d.h, d.w, shorter)
     top, left = int(pos[0] * (rh - size + 1)), int(pos[1] * (rw - size + 1))
-    crop = resize_crop(image, shorter, top, left, size)
-    return crop[:, ::-1] if flip else crop
+    return _crop(d, shorter, top, left, size)
 
 
 def pca_shift(alpha: np.ndarray) -> np.ndarray:
@@ -114,48 +143,46 @@ def pca_shift(alpha: np.ndarray) -> np.ndarray:
     return (alpha * PCA_EIGVAL) @ PCA_EIGVEC.T
 
 
-def imagenet_train(images: list[np.ndarray] | np.ndarray, shorter: np.ndarray, pos: np.ndarray,
-                   flips: np.ndarray, alpha: np.ndarray, size: int, mean: np.ndarray
-                   ) -> np.ndarray:
-    """§3.4 training views of a batch: ``train_crop`` per image (shorter sides ``shorter`` (B,),
-    positions ``pos`` (B, 2), ``flips`` (B,)), then per-channel mean subtraction and the PCA
-    colour shift for coefficients ``alpha`` (B, 3) (all zero: none), fused in one pass."""
-    crops = np.stack([train_crop(im, int(s), p, bool(f), size)
-                      for im, s, p, f in zip(images, shorter, pos, flips, strict=True)])
-    offset = np.broadcast_to(np.asarray(mean, np.float32), (len(crops), crops.shape[-1]))
-    if np.any(alpha):  # x/255 + shift == (x - (mean - 255 * shift)) / 255 after mean removal
-        offset = offset - np.float32(PIXEL_SCALE) * pca_shift(alpha).astype(np.float32)
-    return normalize(crops, offset[:, None, None, :])
+def imagenet_train(images: list[ImageInput] | np.ndarray, shorter: np.ndarray, pos: np.ndarray,
+                   size: int, *, channels: int = 3) -> np.ndarray:
+    """§3.4 training crops of a batch: ``train_crop`` per image (shorter sides ``shorter`` (B,),
+    positions ``pos`` (B, 2)), stacked as uint8 (B, size, size, C)."""
+    return np.stack([train_crop(im, int(s), p, size, channels=channels)
+                     for im, s, p in zip(images, shorter, pos, strict=True)])
 
 
-def center_crop(image: np.ndarray, shorter: int, size: int, mean: np.ndarray) -> np.ndarray:
+def _center(d: _Decoded, shorter: int, size: int) -> np.ndarray:
+    rh, rw = resized_shape(d.h, d.w, shorter)
+    return _crop(d, shorter, (rh - size) // 2, (rw - size) // 2, size)
+
+
+def center_crop(image: ImageInput, shorter: int, size: int, *, channels: int = 3) -> np.ndarray:
     """§3.4 single-view test: shorter side ``shorter``, the centre ``size`` x ``size`` crop."""
-    rh, rw = resized_shape(*image.shape[:2], shorter)
-    crop = resize_crop(image, shorter, (rh - size) // 2, (rw - size) // 2, size)
-    return normalize(crop, mean)
+    return _center(_decoded(image, channels, shorter), shorter, size)
 
 
-def ten_crop(image: np.ndarray, shorter: int, size: int, mean: np.ndarray) -> np.ndarray:
+def ten_crop(image: ImageInput, shorter: int, size: int, *, channels: int = 3) -> np.ndarray:
     """§3.4 10-crop testing [21]: on the image resized to shorter side ``shorter``, the centre
     and the four corner crops, then the same five mirrored: (10, size, size, C), in the order
     centre, top-left, top-right, bottom-left, bottom-right, then their flips."""
-    x = resize_shorter(image, shorter)
+    x = resize_shorter(image, shorter, channels=channels)
     h, w = x.shape[:2]
     corners = [((h - size) // 2, (w - size) // 2), (0, 0), (0, w - size), (h - size, 0),
                (h - size, w - size)]
     views = np.stack([x[t:t + size, c:c + size] for t, c in corners])
-    views = np.concatenate([views, views[:, :, ::-1]])
-    return normalize(views, mean)
+    return np.concatenate([views, views[:, :, ::-1]])
 
 
-def multi_scale(image: np.ndarray, sizes: tuple[int, ...], mean: np.ndarray
-                ) -> dict[str, np.ndarray]:
+def multi_scale(image: ImageInput, sizes: tuple[int, ...], *,
+                channels: int = 3) -> dict[str, np.ndarray]:
     """§3.4 multi-scale testing: for each s in ``sizes``, the image resized to shorter side s.
 
     The paper evaluates the fully convolutional net on the whole resized image; to batch
     images of different aspect ratios we take the centred s x s crop (keys ``image_<s>``).
+    Encoded bytes are decoded once, at a scale that serves the largest s.
     """
-    return {f"image_{s}": center_crop(image, s, s, mean) for s in sizes}
+    d = _decoded(image, channels, max(sizes))
+    return {f"image_{s}": _center(d, s, s) for s in sizes}
 
 
 # ---------------------------------------------------------------------------------------------

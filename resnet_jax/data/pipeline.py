@@ -1,4 +1,4 @@
-"""Batches as pure functions of (seed, step), and a bounded background prefetcher.
+"""Batches as pure functions of (seed, step), and the streams that compute them ahead.
 
 Training: the stream is the concatenation of epochs, epoch ``e`` being the permutation
 ``rng(seed, e)`` of the training split. Global batch ``k`` is stream positions
@@ -9,19 +9,29 @@ global stream is the same for any process count.
 
 Evaluation: global batch ``k`` holds examples ``k*G ..`` in stored order, split the same way;
 positions past the end are zero images with ``mask = 0``.
+
+Batches carry uint8 pixels and the augmentation's random draws; the float work happens on the
+device (``resnet_jax.train.preprocess``). Keys:
+
+* train, both recipes: ``image`` uint8 (B, H, W, C), ``label`` int32 (B,);
+* cifar recipe (§4.2) with ``augment``: ``crop`` int32 (B, 2), the (row, col) offset of the
+  crop in the image zero-padded by ``pad`` after mean subtraction, and ``flip`` bool (B,); with
+  ``data.on_device``, ``index`` int32 (B,) into the device-resident training images replaces
+  ``image``;
+* imagenet recipe (§3.4) with ``augment``: ``image`` is the scale-augmented crop, ``flip`` bool
+  (B,) and, when ``pca_std > 0``, ``pca_alpha`` float32 (B, 3), the PCA colour coefficients;
+* eval: every ``image*`` key uint8, ``label``, ``mask`` float32 (0 on padding).
 """
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
-import itertools
-from collections.abc import Callable, Iterable, Iterator
+import sys
 
 import numpy as np
 
 from resnet_jax.data import augment
+from resnet_jax.data.loader import Batches
 from resnet_jax.data.sources import Source
 
 Batch = dict[str, np.ndarray]
@@ -40,6 +50,7 @@ class Recipe:
     size: int  # output height = width
     channels: int
     mean: np.ndarray  # 0..255 units: per pixel (H, W, C) for "cifar", per channel for "imagenet"
+    #   (used on the device: ``resnet_jax.data.device_recipe``)
     augment: bool
     flip: bool
     pad: int
@@ -60,6 +71,7 @@ class Plan:
     process_index: int
     process_count: int
     seed: int
+    on_device: bool = False  # cifar recipe: send indices into the device-resident images
 
     @property
     def global_batch(self) -> int:
@@ -97,30 +109,46 @@ class Plan:
     # -- training ----------------------------------------------------------------------------
 
     def train_batch(self, step: int) -> Batch:
+        """uint8 images (or, ``on_device``, their indices) and the step's augmentation draws;
+        every float operation is left to the device (``resnet_jax.train.preprocess``)."""
         r = self.recipe
-        images, labels = self.source.read(self.train_indices(step))
+        indices = self.train_indices(step)
         rng = _rng(self.seed, step, _AUGMENT)
         g = self.global_batch
+        out: Batch = {}
         if r.kind == "cifar":
             offsets = self._mine(rng.integers(0, 2 * r.pad + 1, size=(g, 2)))
             flips = self._mine(rng.random(g) < 0.5)
-            x = augment.normalize(np.asarray(images), r.mean)
-            if r.augment:
-                # §4.2: 4-pixel pad, random 32x32 crop, horizontal flip.
-                x = augment.pad_crop_flip(x, offsets, flips & r.flip, r.pad)
+            if self.on_device:  # the device holds the training images (``device_table``)
+                out["index"] = indices.astype(np.int32)
+                labels = np.asarray(self.source.labels)[indices]  # type: ignore[attr-defined]
+            else:
+                images, labels = self.source.read(indices)
+                out["image"] = np.asarray(images)
+            if r.augment:  # §4.2: 4-pixel pad, random 32x32 crop, horizontal flip (on device)
+                out["crop"] = offsets.astype(np.int32)
+                out["flip"] = flips & r.flip
         else:
+            images, labels = self.source.read(indices)
             lo, hi = r.scale_range
             shorter = self._mine(rng.integers(lo, hi + 1, size=g))
             pos = self._mine(rng.random((g, 2)))
             flips = self._mine(rng.random(g) < 0.5) & r.flip
             alpha = self._mine(rng.normal(0.0, 1.0, size=(g, 3))).astype(np.float32) * r.pca_std
             if r.augment:
-                # §3.4: shorter side in [256, 480], random 224 crop, flip, mean, PCA colour.
-                x = augment.imagenet_train(images, shorter, pos, flips, alpha, r.size, r.mean)
+                # §3.4: shorter side in [256, 480], random 224 crop here; flip, mean and the
+                # PCA colour shift (its coefficients drawn here) on the device.
+                out["image"] = augment.imagenet_train(images, shorter, pos, r.size,
+                                                      channels=r.channels)
+                out["flip"] = flips
+                if r.pca_std:
+                    out["pca_alpha"] = alpha
             else:
-                x = np.stack([augment.center_crop(im, r.eval_resize, r.size, r.mean)
-                              for im in images])
-        return {"image": x.astype(np.float32, copy=False), "label": labels.astype(np.int32)}
+                out["image"] = np.stack([augment.center_crop(im, r.eval_resize, r.size,
+                                                             channels=r.channels)
+                                         for im in images])
+        out["label"] = np.asarray(labels).astype(np.int32)
+        return out
 
     # -- evaluation --------------------------------------------------------------------------
 
@@ -132,22 +160,23 @@ class Plan:
         images, labels = self.source.read(pos[:n]) if n else ([], np.zeros(0, np.int32))
         out: Batch = {}
         if r.kind == "cifar":  # §4.2: the single original image
-            views = {"image": augment.normalize(np.asarray(images), r.mean)} if n else {}
+            views = {"image": np.asarray(images)} if n else {}
             shapes = {"image": (r.size, r.size, r.channels)}
         elif r.eval_protocol == "center":
-            views = {"image": [augment.center_crop(im, r.eval_resize, r.size, r.mean)
-                               for im in images]}
+            views = {"image": [augment.center_crop(im, r.eval_resize, r.size,
+                                                   channels=r.channels) for im in images]}
             shapes = {"image": (r.size, r.size, r.channels)}
         elif r.eval_protocol == "ten_crop":
-            views = {"image": [augment.ten_crop(im, r.eval_resize, r.size, r.mean)
+            views = {"image": [augment.ten_crop(im, r.eval_resize, r.size, channels=r.channels)
                                for im in images]}
             shapes = {"image": (10, r.size, r.size, r.channels)}
         else:  # multi_scale
-            per_image = [augment.multi_scale(im, r.multi_scale_sizes, r.mean) for im in images]
+            per_image = [augment.multi_scale(im, r.multi_scale_sizes, channels=r.channels)
+                         for im in images]
             shapes = {f"image_{s}": (s, s, r.channels) for s in r.multi_scale_sizes}
             views = {key: [v[key] for v in per_image] for key in shapes}
         for key, shape in shapes.items():
-            x = np.zeros((self.batch, *shape), np.float32)
+            x = np.zeros((self.batch, *shape), np.uint8)
             if n:
                 x[:n] = np.stack(views[key]) if isinstance(views[key], list) else views[key]
             out[key] = x
@@ -158,77 +187,10 @@ class Plan:
         return out
 
 
-class Batches(Iterator[Batch]):
-    """Iterates ``make(k)`` for k in ``steps``, computed ahead by ``workers`` background threads
-    with at most ``max(prefetch, workers)`` batches in flight. A worker's exception is re-raised
-    in the consumer at the batch that failed (and the iterator closes).
-
-    ``num_batches`` is the length of a finite (eval) stream, else None.
-    """
-
-    def __init__(self, make: Callable[[int], Batch], steps: Iterable[int], *, prefetch: int,
-                 workers: int, num_batches: int | None = None) -> None:
-        if prefetch < 1 or workers < 1:
-            raise ValueError(f"data.prefetch={prefetch} and data.workers={workers} must be >= 1")
-        self.num_batches = num_batches
-        self._make = make
-        self._steps = iter(steps)
-        self._depth = max(prefetch, workers)
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = (
-            concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="resnet_jax_data"))
-        self._pending: collections.deque[concurrent.futures.Future[Batch]] = collections.deque()
-        self._fill()
-
-    def _fill(self) -> None:
-        while self._pool is not None and len(self._pending) < self._depth:
-            step = next(self._steps, None)
-            if step is None:
-                return
-            self._pending.append(self._pool.submit(self._make, step))
-
-    def __iter__(self) -> Batches:
-        return self
-
-    def __len__(self) -> int:
-        if self.num_batches is None:
-            raise TypeError("a training stream is infinite")
-        return self.num_batches
-
-    def __next__(self) -> Batch:
-        if not self._pending:
-            self.close()
-            raise StopIteration
-        future = self._pending.popleft()
-        try:
-            batch = future.result()
-        except BaseException:
-            self.close()
-            raise
-        self._fill()
-        return batch
-
-    def close(self) -> None:
-        """Stops the workers; pending batches are dropped."""
-        if getattr(self, "_pool", None) is not None:
-            for f in self._pending:
-                f.cancel()
-            self._pending.clear()
-            self._pool.shutdown(wait=False, cancel_futures=True)  # type: ignore[union-attr]
-            self._pool = None
-
-    def __enter__(self) -> Batches:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
-
-
 def train_stream(plan: Plan, start_step: int, *, prefetch: int, workers: int) -> Batches:
-    """The infinite training stream from batch ``start_step`` on."""
-    return Batches(plan.train_batch, itertools.count(start_step), prefetch=prefetch,
+    """The infinite training stream from batch ``start_step`` on, computed by ``workers`` worker
+    processes (0: in this process; ``resnet_jax.data.loader``)."""
+    return Batches(plan.train_batch, range(start_step, sys.maxsize), prefetch=prefetch,
                    workers=workers)
 
 

@@ -2,12 +2,14 @@
 
 A source is a split of a dataset: ``len(source)`` examples, ``source.read(indices)`` returning
 ``(images, labels)`` with uint8 HWC images (a stacked array when every image has the same shape,
-else a list) and int labels. Sources:
+else a list) or, for the imagenet recipe, encoded image files (a list of ``bytes``, decoded by
+``augment`` at a reduced JPEG scale where the recipe shrinks the image) and int labels. Sources:
 
 * ``ArraySource``: everything in memory (digits, synthetic, the CIFAR python archives, and TFDS
   datasets with small fixed-size images such as cifar10/cifar100, decoded once).
+* ``EncodedSource``: encoded image files in memory (what a folder of JPEGs reads to).
 * ``TfdsSource``: streaming reads from ``tfds.data_source`` over array_record (no TensorFlow);
-  used for variable-size datasets (imagenet2012).
+  used for variable-size datasets (imagenet2012), with the image left encoded (``encoded()``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
+
+from resnet_jax.data import augment
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 # Fixed digits split: the first 1437 examples train, the last 360 (20%) test.
@@ -41,7 +45,8 @@ class Source(Protocol):
 
     def __len__(self) -> int: ...
 
-    def read(self, indices: np.ndarray) -> tuple[np.ndarray | list[np.ndarray], np.ndarray]: ...
+    def read(self, indices: np.ndarray
+             ) -> tuple[np.ndarray | list[np.ndarray] | list[bytes], np.ndarray]: ...
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -74,6 +79,41 @@ class ArraySource:
         n = _check_heldout(len(self), num_heldout)
         return (ArraySource(self.images[:n], self.labels[:n], self.num_classes),
                 ArraySource(self.images[n:], self.labels[n:], self.num_classes))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EncodedSource:
+    """An in-memory split of encoded image files (JPEG, PNG, ...): ``images`` (N,) bytes,
+    ``labels`` int (N,). ``read`` returns the bytes; the imagenet recipe decodes them to
+    ``channels`` (3: RGB, grey and CMYK converted; 1: grey)."""
+
+    images: Sequence[bytes]
+    labels: np.ndarray
+    num_classes: int
+    channels: int = 3
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.labels):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        if not all(isinstance(b, bytes) for b in self.images):
+            raise ValueError("images must be encoded files (bytes)")
+        object.__setattr__(self, "labels", np.asarray(self.labels, np.int32))
+
+    @property
+    def image_shape(self) -> tuple[None, None, int]:
+        return None, None, self.channels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def read(self, indices: np.ndarray) -> tuple[list[bytes], np.ndarray]:
+        return [self.images[int(i)] for i in indices], self.labels[indices]
+
+    def split(self, num_heldout: int) -> tuple[EncodedSource, EncodedSource]:
+        """(first N - num_heldout, last num_heldout) examples, in stored order."""
+        n = _check_heldout(len(self), num_heldout)
+        return (dataclasses.replace(self, images=self.images[:n], labels=self.labels[:n]),
+                dataclasses.replace(self, images=self.images[n:], labels=self.labels[n:]))
 
 
 def _check_heldout(n: int, num_heldout: int) -> int:
@@ -212,21 +252,43 @@ _TFDS_EVAL_SPLIT = {"imagenet2012": "validation", "imagenet2012_subset": "valida
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TfdsSource:
-    """Examples ``start .. stop-1`` of a TFDS split, decoded on read (in the calling thread)."""
+    """Examples ``start .. stop-1`` of a TFDS split, read (and, unless ``encoded()``, decoded by
+    TFDS) in the calling thread."""
 
     ds: Sequence[dict]
     start: int
     stop: int
     num_classes: int
     image_shape: tuple[int | None, int | None, int]
+    builder: Any = dataclasses.field(default=None, repr=False)  # to reopen ``split_name``
+    split_name: str | None = None
 
     def __len__(self) -> int:
         return self.stop - self.start
 
-    def read(self, indices: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+    def read(self, indices: np.ndarray) -> tuple[list[np.ndarray] | list[bytes], np.ndarray]:
         examples = [self.ds[int(i) + self.start] for i in indices]
-        return ([np.asarray(e["image"]) for e in examples],
+        return ([e["image"] if isinstance(e["image"], bytes) else np.asarray(e["image"])
+                 for e in examples],
                 np.asarray([e["label"] for e in examples], dtype=np.int32))
+
+    def encoded(self) -> TfdsSource:
+        """The same examples with the image feature left encoded (``read`` returns the stored
+        JPEG/PNG bytes; ``augment`` decodes them, at a reduced scale where it can)."""
+        if self.builder is None or self.split_name is None:
+            return self
+        import tensorflow_datasets as tfds
+
+        ds = self.builder.as_data_source(split=self.split_name,
+                                         decoders={"image": tfds.decode.SkipDecoding()})
+        if len(self):
+            try:
+                ds[self.start]
+            except ImportError:
+                # tfds.testing.mock_data makes undecoded examples by encoding fake ones with
+                # TensorFlow; without it, keep TFDS's decoded arrays (augment takes both).
+                return dataclasses.replace(self, builder=None)
+        return dataclasses.replace(self, ds=ds, builder=None)
 
     def split(self, num_heldout: int) -> tuple[TfdsSource, TfdsSource]:
         n = _check_heldout(len(self), num_heldout)
@@ -236,25 +298,34 @@ class TfdsSource:
     def to_memory(self) -> ArraySource:
         """Decodes every example once (for small fixed-size images, e.g. cifar10)."""
         images, labels = self.read(np.arange(len(self)))
+        images = [augment.decode(im, self.image_shape[2]) for im in images]
         return ArraySource(np.stack(images).astype(np.uint8, copy=False), labels,
                            self.num_classes)
 
 
 def _tfds_how(name: str, builder: Any, manual_dir: str | None) -> str:
     root = builder._data_dir_root
+    if name == "imagenet2012":
+        where = manual_dir or os.path.join(str(root), "downloads", "manual")
+        return (f"put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar (from "
+                f"https://image-net.org/download-images) in {where} and prepare it once, "
+                f"without tensorflow: `python -m resnet_jax.data.prepare imagenet2012 "
+                f"--manual_dir={where} --data_dir={root}`")
+    if name in _CIFAR_LAYOUT:
+        archive = _CIFAR_LAYOUT[name][4]
+        return (f"download {archive} (python version) from {CIFAR_URL} and either prepare it "
+                f"once, without tensorflow: `python -m resnet_jax.data.prepare {name} "
+                f"--archive=/path/to/{archive} --data_dir={root}` (what `tfds build {name} "
+                f"--file_format=array_record` writes, which needs tensorflow), or read it "
+                f"directly with --config.data.archive=/path/to/{archive}")
     if getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None):
         where = manual_dir or os.path.join(str(root), "downloads", "manual")
-        files = ("ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar"
-                 if name.startswith("imagenet2012") else
-                 f"the files in tfds.builder({name!r}).MANUAL_DOWNLOAD_INSTRUCTIONS")
-        return (f"put {files} in {where} (or set --config.data.manual_dir) and prepare it "
-                f"once as array_record: `tfds build {name} --data_dir={root} "
-                f"--manual_dir={where} --file_format=array_record` (needs tensorflow)")
-    hint = (", or, offline, pass the python archive with --config.data.archive=..."
-            if name in _CIFAR_LAYOUT else "")
+        return (f"put the files in tfds.builder({name!r}).MANUAL_DOWNLOAD_INSTRUCTIONS in "
+                f"{where} (or set --config.data.manual_dir) and prepare it once as "
+                f"array_record: `tfds build {name} --data_dir={root} --manual_dir={where} "
+                f"--file_format=array_record` (needs tensorflow)")
     return (f"prepare it once as array_record: `tfds build {name} --data_dir={root} "
-            f"--file_format=array_record` (needs network and tensorflow) or rerun with "
-            f"--config.data.download=True{hint}")
+            f"--file_format=array_record` (needs network and tensorflow)")
 
 
 def tfds_splits(name: str, data_dir: str | None, manual_dir: str | None, download: bool,
@@ -266,11 +337,25 @@ def tfds_splits(name: str, data_dir: str | None, manual_dir: str | None, downloa
     """
     import tensorflow_datasets as tfds
 
+    scheme = str(data_dir).partition("://")[0] if data_dir and "://" in str(data_dir) else ""
+    # array_record opens local paths and gs:// (its reader has a GCS client); TFDS reads the
+    # metadata through etils.epath, which needs gcsfs for gs:// when tensorflow is absent.
+    local = ("copy it to a local disk (or mount it with FUSE: gcsfuse, mountpoint-s3, ...) "
+             "and set --config.data.data_dir to that path")
+    if scheme and scheme != "gs":
+        raise DataError(f"data.data_dir={data_dir!r}: TFDS's array_record reader opens local "
+                        f"paths and gs:// only, not {scheme}://; {local}")
     try:
         builder = tfds.builder(name, data_dir=data_dir)
     except tfds.core.registered.DatasetNotFoundError as e:
         raise DataError(f"TFDS has no dataset {name!r}; use a TFDS image classification name "
                         "(e.g. cifar10, cifar100, imagenet2012), digits or synthetic") from e
+    except ImportError as e:
+        if not scheme:
+            raise
+        raise DataError(f"data.data_dir={data_dir!r} is on Google Cloud Storage: `pip install "
+                        f"gcsfs` (TFDS reads the dataset's metadata through it; array_record "
+                        f"reads the shards from gs:// itself), or {local}") from e
     features = builder.info.features
     if "image" not in features or "label" not in features:
         raise DataError(f"TFDS dataset {name!r} has features {list(features)}; an image "
@@ -283,8 +368,13 @@ def tfds_splits(name: str, data_dir: str | None, manual_dir: str | None, downloa
                 file_format="array_record",
                 download_config=tfds_download.DownloadConfig(manual_dir=manual_dir))
         except ImportError as e:
-            raise DataError(f"preparing TFDS dataset {name!r} needs tensorflow (pip install "
-                            f"tensorflow-cpu), then reading it does not ({e})") from e
+            # TFDS 4.9.x imports importlib_resources unconditionally but declares it only for
+            # Python < 3.9; past it, preparing needs network and tensorflow (image encoding).
+            missing = getattr(e, "name", None) or str(e)
+            raise DataError(f"--config.data.download=True runs TFDS's download_and_prepare, "
+                            f"which imports {missing!r} (not installed) and then needs network "
+                            f"and tensorflow; without them: {_tfds_how(name, builder, manual_dir)}"
+                            ) from e
     splits = list(builder.info.splits)
     if eval_split is None:
         eval_split = _TFDS_EVAL_SPLIT.get(name, "test")
@@ -308,5 +398,6 @@ def tfds_splits(name: str, data_dir: str | None, manual_dir: str | None, downloa
                 msg = (f"TFDS dataset {name!r} is not prepared in "
                        f"{builder._data_dir_root}; {_tfds_how(name, builder, manual_dir)}")
             raise DataError(msg) from e
-        sources.append(TfdsSource(ds, 0, len(ds), num_classes, shape))  # type: ignore[arg-type]
+        sources.append(TfdsSource(ds, 0, len(ds), num_classes, shape,  # type: ignore[arg-type]
+                                  builder, split))
     return sources[0], sources[1]

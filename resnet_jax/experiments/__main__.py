@@ -118,6 +118,7 @@ def run_responses() -> None:
     import resnet_jax
     from resnet_jax import data
     from resnet_jax.experiments import depth, responses
+    from resnet_jax.train import loop
 
     if FLAGS.workdir is None:
         raise app.UsageError("responses needs --workdir (a depth study's directory).")
@@ -135,7 +136,8 @@ def run_responses() -> None:
         model, variables = resnet_jax.load(netdir)
         stream = data.create(config, "eval", seed=config.seed)
         try:
-            per_net[arch] = responses.layer_responses(model, variables, stream)
+            per_net[arch] = responses.layer_responses(
+                model, variables, stream, preprocess=loop.make_preprocess(config))
         finally:
             stream.close()
         stds = [r.std for r in per_net[arch]]

@@ -163,16 +163,20 @@ def single_view(config: ml_collections.ConfigDict) -> tuple[ml_collections.Confi
 
 def layer_responses(
     model: nn.Module, variables: Mapping[str, Any], batches: Iterable[Mapping[str, Any]],
-    filter_fn: Any = follows_3x3_conv,
+    filter_fn: Any = follows_3x3_conv, preprocess: Any = None,
 ) -> list[LayerStd]:
     """Std of every selected layer's response over all (masked-in) examples of ``batches``.
 
-    ``batches``: dicts with "image" (B, H, W, C) and optionally "mask" (B,) (1 = real example).
+    ``batches``: dicts with "image" (B, H, W, C) and optionally "mask" (B,) (1 = real example);
+    uint8 pipeline batches need the run's ``preprocess`` (``train.loop.make_preprocess``).
     """
     fn = batch_moments_fn(model, filter_fn)
+    prep = jax.jit(preprocess) if preprocess is not None else None
     names: list[str] | None = None
     n = mean = m2 = None
     for batch in batches:
+        if prep is not None:
+            batch = prep(batch)
         image = np.asarray(batch["image"])
         if image.ndim != 4:
             raise ValueError(f"responses need single-view images (B, H, W, C), got "

@@ -1,9 +1,12 @@
 """``train_and_evaluate(config, workdir)``: the training loop.
 
-Per step: next host-local batch -> ``ParallelStep`` (jit or pmap; the loop does not know which)
-with ``rng = fold_in(base_rng, step)``. Device metrics are only fetched at log steps, so the host
-never waits on the device in between. The data stream is a pure function of (seed, step) and the
-rng of the step index, so resuming from a saved (state, step) continues bit-exactly.
+Per step: next host-local uint8 batch -> ``ParallelStep`` (jit or pmap; the loop does not know
+which) with ``rng = fold_in(base_rng, step)``; the step starts with the device half of the input
+recipe (``preprocess``). With ``data.on_device`` the training images are placed on the devices
+once and each step's batch (indices and draws) is gathered there first. Device metrics are only
+fetched at log steps, so the host never waits on the device in between. The data stream is a
+pure function of (seed, step) and the rng of the step index, so resuming from a saved (state,
+step) continues bit-exactly.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 from resnet_jax import checkpoint, data, models, parallel
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
+from resnet_jax.train import preprocess as preprocess_lib
 from resnet_jax.train.state import TrainState, create_train_state
 from resnet_jax.train.step import eval_step, train_step
 
@@ -41,6 +45,18 @@ def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
     kwargs = {"num_classes": num_classes, "dtype": config.dtype}
     kwargs.update(config_lib.model_overrides(config))
     return models.create(config.model, **kwargs)
+
+
+def make_preprocess(config: ml_collections.ConfigDict) -> Any:
+    """The jit-able ``preprocess(batch)`` for ``config``'s batches (mean and padding bound)."""
+    recipe = data.device_recipe(config)
+    return functools.partial(preprocess_lib.preprocess, mean=recipe.mean, pad=recipe.pad)
+
+
+def compile_eval(config: ml_collections.ConfigDict) -> parallel.ParallelStep:
+    """``eval_step`` with ``config``'s preprocess, for ``config.parallel``."""
+    step = functools.partial(eval_step, preprocess=make_preprocess(config))
+    return parallel.compile(step, config.parallel, donate_state=False)
 
 
 def evaluate(
@@ -99,11 +115,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
 
     train_fn = parallel.compile(
-        functools.partial(train_step, label_smoothing=float(config.label_smoothing)),
+        functools.partial(train_step, label_smoothing=float(config.label_smoothing),
+                          preprocess=make_preprocess(config)),
         config.parallel,
         bn_sync=config.bn_sync,
     )
-    eval_fn = parallel.compile(eval_step, config.parallel, donate_state=False)
+    eval_fn = compile_eval(config)
     ckpt = checkpoint.TrainingCheckpoints(
         workdir, config, num_classes=info.num_classes, image_shape=info.image_shape
     )
@@ -112,6 +129,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # behind the previous step, and placing its result (jit) would make the host wait for it.
     host_rng = jax.device_put(base_rng, jax.local_devices(backend="cpu")[0])
     state = train_fn.replicate(state)
+    gather = None
+    if config.data.on_device:  # the uint8 training images, once per device; batches index them
+        gather_fn = parallel.compile(preprocess_lib.gather, config.parallel, donate_state=False,
+                                     per_example=True)
+        table = gather_fn.replicate(data.device_table(config))
+        gather = functools.partial(gather_fn, table)
 
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, append=start_step > 0,
                                       purge_step=start_step + 1 if start_step > 0 else None)
@@ -126,6 +149,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         for step in range(start_step, total_steps):
             batch = next(stream)
+            if gather is not None:
+                batch = gather(batch)
             state, step_metrics = train_fn(state, batch, jax.random.fold_in(host_rng, step))
             pending.append(step_metrics)
             done = step + 1

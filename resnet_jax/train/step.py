@@ -8,6 +8,7 @@ and metrics are averaged over that axis, and BN statistics too when ``bn_sync``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -19,6 +20,7 @@ from resnet_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+Preprocess = Callable[[Batch], Batch]
 
 
 def _forward_train(
@@ -67,8 +69,13 @@ def train_step(
     bn_sync: bool = True,
     bn_groups: int = 1,
     label_smoothing: float = 0.0,
+    preprocess: Preprocess | None = None,
 ) -> tuple[TrainState, Metrics]:
     """One SGD step on softmax cross-entropy; returns the new state and batch-mean metrics.
+
+    ``preprocess``: the device half of the input recipe (``resnet_jax.train.preprocess``: uint8
+    pixels and augmentation draws -> float images), applied first; None: ``batch["image"]`` is
+    the model input already.
 
     ``bn_sync=False`` with an axis name: per-device BN statistics (the paper's multi-GPU
     "ghost" batches, §3.4); the running ``batch_stats`` are then averaged over the axis after
@@ -76,6 +83,8 @@ def train_step(
     view (jit), splitting the batch into that many groups.
     Metrics: loss, error, top5_error (fractions), learning_rate, grad_norm.
     """
+    if preprocess is not None:
+        batch = preprocess(batch)
     images, labels = batch["image"], batch["label"]
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
@@ -111,7 +120,8 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(state: TrainState, batch: Batch, *, axis_name: str | None = None) -> Metrics:
+def eval_step(state: TrainState, batch: Batch, *, axis_name: str | None = None,
+              preprocess: Preprocess | None = None) -> Metrics:
     """Sums and counts over the batch; examples with ``mask == 0`` count zero.
 
     Every key starting with "image" is a group of views: (B, H, W, C) is one view, (B, V, H, W, C)
@@ -120,6 +130,8 @@ def eval_step(state: TrainState, batch: Batch, *, axis_name: str | None = None) 
     Returns loss_sum (cross-entropy of the averaged probabilities), error_sum, top5_error_sum,
     count; divide by ``count`` after summing over batches.
     """
+    if preprocess is not None:
+        batch = preprocess(batch)
     keys = sorted(k for k in batch if k.startswith("image"))
     if not keys:
         raise ValueError(f"eval batch has no 'image*' key; keys: {sorted(batch)}.")
