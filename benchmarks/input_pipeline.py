@@ -5,6 +5,7 @@
         --arch resnet20 --json
     python benchmarks/input_pipeline.py --recipe imagenet --jpegs 512 --workers 1,2 \
         --baseline tfdata --json
+    python benchmarks/input_pipeline.py --recipe cifar --on-device --arch resnet20 --json
 
 Default (CIFAR / synthetic) mode: times ``resnet_jax.data.create(config, "train")`` over
 ``--batches`` batches after ``--warmup``; with ``--arch`` it then times that model's train step on
@@ -213,8 +214,13 @@ def _imagenet(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--recipe", default=None, choices=["imagenet"],
-                        help="imagenet: §3.4 over in-memory JPEGs (default: --dataset mode)")
+    parser.add_argument("--recipe", default=None, choices=["imagenet", "cifar"],
+                        help="imagenet: §3.4 over in-memory JPEGs; cifar (default): --dataset "
+                             "mode")
+    parser.add_argument("--on-device", action="store_true",
+                        help="cifar: the train step fed with on-device augmentation against host "
+                             "batches, same run (benchmarks/on_device.py)")
+    parser.add_argument("--cpu-devices", type=int, default=0, help="--on-device: JAX CPU devices")
     parser.add_argument("--dataset", default="synthetic", help="synthetic, digits, cifar10, ...")
     parser.add_argument("--archive", default=None, help="CIFAR python archive (offline)")
     parser.add_argument("--image", type=int, default=None, help="synthetic image side")
@@ -229,6 +235,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--arch", default=None, help="also time this model's train step")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    if args.on_device:
+        if args.recipe == "imagenet":
+            raise SystemExit("--on-device is for --recipe cifar (the in-memory CIFAR recipe)")
+        import on_device
+
+        return on_device.main(
+            ["--arch", args.arch or "resnet20", "--batch", str(args.batch or 128),
+             "--cpu-devices", str(args.cpu_devices)]
+            + (["--archive", args.archive] if args.archive else [])
+            + (["--json"] if args.json else []))
     imagenet = args.recipe == "imagenet"
     args.batch = args.batch or (32 if imagenet else 128)
     args.warmup = args.warmup if args.warmup is not None else (4 if imagenet else 5)

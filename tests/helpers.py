@@ -21,3 +21,14 @@ def data_config(
     return ml_collections.ConfigDict(
         dict(dataset=dataset, batch_size=batch_size, eval_batch_size=eval_batch_size, data=d)
     )
+
+
+def override(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections.ConfigDict:
+    """Sets dotted fields (``**{"data.on_device": True}``) on ``config``; returns it."""
+    for key, value in fields.items():
+        target = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            target = target[part]
+        target[leaf] = value
+    return config

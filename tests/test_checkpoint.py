@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import override
 
 STEPS = 8
 CACHE_ENV = {"JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
@@ -72,13 +73,7 @@ def tiny_config(**overrides: Any) -> Any:
     c.log_every_steps = 2
     c.eval_every_steps = 100  # only the final eval
     c.checkpoint_every_steps = 2
-    for key, value in overrides.items():
-        target = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            target = target[p]
-        target[leaf] = value
-    return c
+    return override(c, **overrides)
 
 
 class _HookedStream:

@@ -93,6 +93,25 @@ def test_processes_split_the_global_train_batch():
                 np.concatenate([parts[0][k][key], parts[1][k][key]]), whole[k][key])
 
 
+def test_processes_see_disjoint_examples_and_together_every_example_once_per_epoch():
+    cfg = make_config(augment=False, num_train=48)  # 3 global batches of 16 per epoch
+    train, _ = synthetic_arrays(cfg)
+    key = lambda images: {im.tobytes() for im in images}
+    seen = [key(np.concatenate([b["image"] for b in take(data.create(
+        cfg, "train", seed=6, process_index=p, process_count=2), 3)])) for p in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 24 and not seen[0] & seen[1]
+    assert seen[0] | seen[1] == key(train.images)
+
+
+def test_sources_are_grain_random_access_sources():
+    train, _ = synthetic_arrays(make_config())
+    assert len(train) == 50
+    np.testing.assert_array_equal(train[3]["image"], train.images[3])
+    assert train[-1]["label"] == train.labels[49]
+    with pytest.raises(IndexError):
+        train[50]
+
+
 @pytest.mark.parametrize("process_count", [1, 2])
 def test_eval_visits_every_example_once(process_count):
     cfg = make_config(eval_batch_size=10)  # 23 examples, not a multiple of 10

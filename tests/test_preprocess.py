@@ -12,7 +12,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import data_config
+from helpers import data_config, override
 
 import resnet_jax
 from resnet_jax import data
@@ -179,13 +179,7 @@ def tiny_run_config(**overrides):
     c.batch_size, c.eval_batch_size = 16, 16
     c.num_train_steps, c.lr_boundaries = 6, (4,)
     c.log_every_steps, c.eval_every_steps, c.checkpoint_every_steps = 3, 6, 6
-    for key, value in overrides.items():
-        target = c
-        *path, last = key.split(".")
-        for part in path:
-            target = target[part]
-        target[last] = value
-    return c
+    return override(c, **overrides)
 
 
 def _params(workdir: str):

@@ -49,8 +49,20 @@ class Source(Protocol):
              ) -> tuple[np.ndarray | list[np.ndarray] | list[bytes], np.ndarray]: ...
 
 
+class _RandomAccess:
+    """``source[i]`` -> ``{"image", "label"}``: grain's ``RandomAccessDataSource`` protocol
+    (``len`` + ``__getitem__``), so a source plugs into ``grain.MapDataset.source`` directly.
+    The pipeline itself reads whole batches (``read``)."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not -len(self) <= index < len(self):  # type: ignore[arg-type]
+            raise IndexError(f"example {index} of {len(self)}")  # type: ignore[arg-type]
+        images, labels = self.read(np.array([index % len(self)]))  # type: ignore[attr-defined]
+        return {"image": images[0], "label": int(labels[0])}
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
-class ArraySource:
+class ArraySource(_RandomAccess):
     """An in-memory split: ``images`` uint8 (N, H, W, C), ``labels`` int (N,)."""
 
     images: np.ndarray
@@ -82,7 +94,7 @@ class ArraySource:
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class EncodedSource:
+class EncodedSource(_RandomAccess):
     """An in-memory split of encoded image files (JPEG, PNG, ...): ``images`` (N,) bytes,
     ``labels`` int (N,). ``read`` returns the bytes; the imagenet recipe decodes them to
     ``channels`` (3: RGB, grey and CMYK converted; 1: grey)."""
@@ -251,7 +263,7 @@ _TFDS_EVAL_SPLIT = {"imagenet2012": "validation", "imagenet2012_subset": "valida
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class TfdsSource:
+class TfdsSource(_RandomAccess):
     """Examples ``start .. stop-1`` of a TFDS split, read (and, unless ``encoded()``, decoded by
     TFDS) in the calling thread."""
 
