@@ -5,10 +5,10 @@
 
     python train.py --config configs/cifar10.py:resnet56 --workdir runs/r56 --mode eval
 
-Checkpoints go to ``workdir/checkpoints`` (see ``resnet_jax/checkpoint.py``); rerunning the same
-command on a workdir with checkpoints resumes from the newest one. ``--mode eval`` evaluates
-that checkpoint with the config's test protocol (prints the errors, appends to
-``workdir/eval.jsonl``).
+Checkpoints go to ``workdir/checkpoints`` (the policy: ``resnet_jax/train/policy.py``);
+rerunning the same command on a workdir with checkpoints resumes from the newest one.
+``--mode eval`` evaluates that checkpoint with the config's test protocol (prints the errors,
+appends to ``workdir/eval.jsonl``; ``resnet_jax/train/evaluate.py``).
 
 Exit status:
   0    done.
@@ -16,18 +16,19 @@ Exit status:
        before anything is compiled; or a checkpoint of another model/config in the workdir),
        printed as one line.
   3    non-finite loss or state; the message names the step; the newest checkpoint is the last
-       good one (``checkpoint.EXIT_DIVERGED``).
+       good one (``errors.EXIT_DIVERGED``).
   4    no readable checkpoint (all damaged, or none for ``--mode eval``;
-       ``cli.EXIT_NO_CHECKPOINT``).
+       ``errors.EXIT_NO_CHECKPOINT``).
   143  SIGTERM (130: SIGINT): the current step was finished and saved, rerun to resume
-       (128 + signal number, ``checkpoint.EXIT_SIGTERM`` / ``EXIT_SIGINT``). A second signal
+       (128 + signal number, ``errors.EXIT_SIGTERM`` / ``EXIT_SIGINT``). A second signal
        kills the process at once.
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from resnet_jax import checkpoint, cli
+from resnet_jax import cli
+from resnet_jax.train.evaluate import evaluate_checkpoint
 from resnet_jax.train.loop import train_and_evaluate
 
 config_flags.DEFINE_config_file("config", None, "configs/<family>.py[:<arch>]", lock_config=True)
@@ -44,7 +45,7 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; -v 0 shows it
     with cli.exit_on_error():
         if flags.FLAGS.mode == "eval":
-            checkpoint.evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir)
+            evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir)
         else:
             train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from resnet_jax import models, parallel
-from resnet_jax.summary import _parse_override, summarize
+from resnet_jax.summary import parse_override, summarize
 from resnet_jax.train import config as config_lib
 from resnet_jax.train.state import create_train_state
 from resnet_jax.train.step import eval_step, train_step
@@ -32,7 +32,7 @@ def build(args: argparse.Namespace) -> models.ResNet:
         overrides["stride_in"] = args.stride_in
     for item in args.override:
         key, value = item.split("=", 1)
-        overrides[key] = _parse_override(f"{key}={value}")[1]
+        overrides[key] = parse_override(f"{key}={value}")[1]
     model = models.create(args.arch, **overrides)
     if args.image is None:
         args.image = 32 if model.stem == "cifar" else 224

@@ -8,9 +8,13 @@ __all__ = ["create", "load"]
 __version__ = "0.1.0"
 
 
-def load(workdir: str, step: int | None = None) -> tuple[Any, dict[str, Any]]:
+def load(workdir: str, step: int | None = None, *, ema: bool = False
+         ) -> tuple[Any, dict[str, Any]]:
     """``(model, {"params", "batch_stats"})`` from a training workdir's newest checkpoint (or
-    ``step``), for ``model.apply(variables, x, train=False)``; see ``resnet_jax.checkpoint``."""
-    from resnet_jax.checkpoint import load as load_checkpoint  # imports orbax only when used
+    ``step``), for ``model.apply(variables, x, train=False)``; ``ema``: the moving average of
+    a run with ``ema_decay > 0``. See ``resnet_jax.train.evaluate.load``."""
+    # Deferred so ``import resnet_jax`` stays light (orbax, the data pipeline); no cycle: the
+    # package root is imported by nothing inside it.
+    from resnet_jax.train.evaluate import load as load_checkpoint
 
-    return load_checkpoint(workdir, step)
+    return load_checkpoint(workdir, step, ema=ema)

@@ -120,7 +120,8 @@ def summarize(
     return Summary(name, image_size, tuple(rows))
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"shortcut=B"`` -> ``("shortcut", "B")``; values are Python literals where they parse."""
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"override {text!r} is not FIELD=VALUE, e.g. shortcut=B")
     key, value = text.split("=", 1)
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model", help=f"one of: {', '.join(models.names())}")
     parser.add_argument("--image", type=int, default=None, help="input side (default 32 / 224)")
     parser.add_argument(
-        "--override", action="append", type=_parse_override, default=[],
+        "--override", action="append", type=parse_override, default=[],
         help="FIELD=VALUE model override, repeatable (e.g. shortcut=B, stride_in=3x3, depth=1202)",
     )
     args = parser.parse_args(argv)

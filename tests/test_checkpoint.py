@@ -95,7 +95,7 @@ class _HookedStream:
         self.stream.close()
 
 
-def _worker(workdir: Path, action: str, at: int) -> None:
+def _worker(workdir: Path, action: str, at: int, overrides: dict) -> None:
     from resnet_jax import data
     from resnet_jax.train.loop import train_and_evaluate
 
@@ -116,19 +116,25 @@ def _worker(workdir: Path, action: str, at: int) -> None:
         return _HookedStream(stream, kwargs.get("start_step", 0), at, act)
 
     data.create = create
-    from resnet_jax import checkpoint
+    from resnet_jax import errors
 
     try:
-        train_and_evaluate(tiny_config(), str(workdir))
-    except checkpoint.Preempted as e:
+        train_and_evaluate(tiny_config(**overrides), str(workdir))
+    except errors.Preempted as e:
         print(e, file=sys.stderr)
         sys.exit(e.exit_code)
 
 
-def _spawn(workdir: Path, action: str, at: int, cache_env: dict) -> subprocess.Popen:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", **cache_env}
+def _spawn(workdir: Path, action: str, at: int, cache_env: dict,
+           overrides: dict | None = None) -> subprocess.Popen:
+    """This file as a training worker on ``tiny_config(**overrides)``; ``action`` at batch
+    ``at``: "block" (wait to be killed) or "sigterm"."""
+    root = str(Path(__file__).resolve().parents[1])  # examples/ imports as "examples.*"
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": path, **cache_env}
     return subprocess.Popen(
-        [sys.executable, __file__, "--workdir", str(workdir), "--action", action, "--at", str(at)],
+        [sys.executable, __file__, "--workdir", str(workdir), "--action", action, "--at", str(at),
+         "--overrides", json.dumps(overrides or {})],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
 
@@ -253,12 +259,12 @@ def _tensorboard_events(workdir: Path) -> list[tuple]:
 
 
 def test_sigterm_saves_the_current_step_and_exits_143(workers: dict, reference: Path) -> None:
-    from resnet_jax import checkpoint
+    from resnet_jax import errors
     from resnet_jax.train.loop import train_and_evaluate
 
     proc, workdir, at = workers["term"], workers["term_dir"], workers["term_at"]
     output, _ = proc.communicate(timeout=240)
-    assert proc.returncode == checkpoint.EXIT_SIGTERM == 143, output[-3000:]
+    assert proc.returncode == errors.EXIT_SIGTERM == 143, output[-3000:]
     assert "stopped by SIGTERM after step 5" in output, output[-3000:]
     assert max(_steps(workdir)) == at + 1  # the step running when the signal came, finished
 
@@ -267,10 +273,10 @@ def test_sigterm_saves_the_current_step_and_exits_143(workers: dict, reference: 
 
 
 def test_first_signal_requests_a_stop_and_a_second_one_is_fatal() -> None:
-    from resnet_jax.checkpoint import _StopSignals
+    from resnet_jax.train.policy import StopSignals
 
     before = signal.getsignal(signal.SIGTERM)
-    signals = _StopSignals()
+    signals = StopSignals()
     signals.install()
     try:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -300,10 +306,10 @@ def _train_state(config: Any) -> tuple[Any, Any]:
 @contextlib.contextmanager
 def _checkpoints(workdir: Path, config: Any) -> Iterator[tuple[Any, Any]]:
     """``(TrainingCheckpoints, abstract state)`` for ``workdir``, closed on exit."""
-    from resnet_jax import checkpoint
+    from resnet_jax.train.policy import TrainingCheckpoints
 
     state, info = _train_state(config)
-    ckpt = checkpoint.TrainingCheckpoints(str(workdir), config, num_classes=info.num_classes,
+    ckpt = TrainingCheckpoints(str(workdir), config, num_classes=info.num_classes,
                                           image_shape=info.image_shape)
     try:
         yield ckpt, state
@@ -356,13 +362,13 @@ def test_nan_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, log_every: int, ckpt_every: int,
     message: str, good: int,
 ) -> None:
-    from resnet_jax import checkpoint
+    from resnet_jax import errors
     from resnet_jax.train.loop import train_and_evaluate
 
     _poisoned_schedule(monkeypatch, from_step=5)
     config = tiny_config(num_train_steps=12, log_every_steps=log_every,
                          checkpoint_every_steps=ckpt_every)
-    with pytest.raises(checkpoint.TrainingDiverged, match=message) as info:
+    with pytest.raises(errors.TrainingDiverged, match=message) as info:
         train_and_evaluate(config, str(tmp_path))
     assert info.value.step == 6
     assert f"the newest checkpoint, {good}, is the last good one" in str(info.value)
@@ -414,12 +420,13 @@ def test_load_and_eval_mode_reproduce_the_final_test_error(reference: Path) -> N
 
     import resnet_jax
     from resnet_jax import checkpoint
+    from resnet_jax.train.evaluate import evaluate_checkpoint
 
     model, variables = resnet_jax.load(str(reference))
     logits = model.apply(variables, jnp.zeros((2, 8, 8, 3)), train=False)
     assert logits.shape == (2, 10)
 
-    results = checkpoint.evaluate_checkpoint(tiny_config(), str(reference))
+    results = evaluate_checkpoint(tiny_config(), str(reference))
     final = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert results["step"] == STEPS
     assert results["test_error"] == final[-1]["test_error"]
@@ -429,6 +436,41 @@ def test_load_and_eval_mode_reproduce_the_final_test_error(reference: Path) -> N
 
     with pytest.raises(checkpoint.CheckpointNotFound, match="no checkpoint 3 in"):
         resnet_jax.load(str(reference), step=3)
+
+
+def test_store_keeps_every_field_of_a_state_subclass_and_reads_a_part(tmp_path: Path) -> None:
+    import flax
+
+    from resnet_jax import checkpoint, errors
+    from resnet_jax.train.state import TrainState
+
+    class ScaledState(TrainState):  # a fork's extra field
+        loss_scale: Any
+
+    def state(scale: float, w: float) -> ScaledState:
+        return ScaledState(step=np.int32(3), params={"w": np.full(2, w, np.float32)},
+                           batch_stats={}, opt_state=(np.zeros(2, np.float32),), apply_fn=None,
+                           tx=None, loss_scale=np.float32(scale))
+
+    store = checkpoint.CheckpointStore(str(tmp_path / "ckpt"), keep=2)
+    store.save(3, state(2.0, 1.5), {"note": "mine"})
+    store.close()
+    store = checkpoint.CheckpointStore(str(tmp_path / "ckpt"), read_only=True)
+    step, tree, meta = store.restore(state(0.0, 0.0))
+    restored = checkpoint.with_tree(state(0.0, 0.0), tree)
+    assert step == 3 and meta["note"] == "mine" and float(restored.loss_scale) == 2.0
+    assert np.array_equal(restored.params["w"], [1.5, 1.5]) and len(restored.opt_state) == 1
+    _, part, _ = store.restore({"params": {"w": np.zeros(2, np.float32)}})
+    assert set(part) == {"params"}
+
+    @flax.struct.dataclass
+    class Wider:
+        params: Any
+        ema_params: Any
+
+    with pytest.raises(errors.CheckpointMismatch, match="ema_params/w is missing"):
+        store.restore(Wider({"w": np.zeros(2, np.float32)}, {"w": np.zeros(2, np.float32)}))
+    store.close()
 
 
 def _multiprocess_worker(workdir: Path, process_id: int, port: int) -> None:
@@ -489,8 +531,9 @@ if __name__ == "__main__":
     parser.add_argument("--at", type=int, default=0)
     parser.add_argument("--process-id", type=int)
     parser.add_argument("--port", type=int)
+    parser.add_argument("--overrides", default="{}")
     a = parser.parse_args()
     if a.process_id is not None:
         _multiprocess_worker(a.workdir, a.process_id, a.port)
     else:
-        _worker(a.workdir, a.action, a.at)
+        _worker(a.workdir, a.action, a.at, json.loads(a.overrides))

@@ -224,7 +224,7 @@ def test_not_a_tar_is_one_line(tmp_path, capsys):
 def test_cifar_round_trip(tmp_path, dataset):
     classes = 10 if dataset == "cifar10" else 100
     train, test = known(12, classes, 0), known(5, classes, 1)
-    name = sources._CIFAR_LAYOUT[dataset][4]
+    name = sources.CIFAR_LAYOUT[dataset][4]
     write_archive(tmp_path / name, dataset, train, test)
     out = tmp_path / "out"
     assert run(dataset, "--manual_dir", tmp_path, "--data_dir", out) == 0

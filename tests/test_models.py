@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -319,3 +320,64 @@ def test_resnet1202_compiles_fast_with_scan():
 def test_summary_counts_scanned_and_unrolled_stages_alike():
     scanned, unrolled = summarize("resnet56"), summarize("resnet56", scan_blocks=False)
     assert scanned.rows == unrolled.rows
+
+
+# --- seams for forks: registry, import paths, stem/head modules, RNG streams in scans -------------
+
+
+class _DrawBlock(nn.Module):
+    """A basic block that also records one draw of the "dropout" stream (as dropout would)."""
+
+    features: int
+    strides: int = 1
+    shortcut: str = "A"
+    conv: Any = nn.Conv
+    norm: Any = nn.BatchNorm
+    act: Any = nn.relu
+
+    @nn.compact
+    def __call__(self, x):
+        self.sow("intermediates", "draw", jax.random.uniform(self.make_rng("dropout"), ()))
+        return models.BasicBlock(self.features, self.strides, self.shortcut, self.conv,
+                                 self.norm, self.act, name="basic")(x)
+
+
+def test_register_adds_a_name_and_refuses_a_silent_overwrite():
+    models.register("test_tiny_resnet", lambda **kw: models.create("cifar_resnet", depth=8, **kw))
+    try:
+        assert models.create("test_tiny_resnet", width=4).width == 4
+        assert "test_tiny_resnet" in models.names()
+        with pytest.raises(ValueError, match="registered already"):
+            models.register("test_tiny_resnet", models.create)
+    finally:
+        models._REGISTRY.pop("test_tiny_resnet")
+
+
+def test_blocks_stems_heads_and_factories_resolve_from_import_paths():
+    by_path = models.create("resnet20", block="examples.se:SEBlock",
+                            stem="examples.preact:PreActStem", head="examples.preact:PreActHead")
+    from examples import preact, se
+
+    assert by_path.block_cls is se.SEBlock
+    assert by_path.stem is preact.PreActStem and by_path.head is preact.PreActHead
+    v = jax.eval_shape(lambda: by_path.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+    assert set(v["params"]) == {"stem", "stage1", "stage2", "stage3", "head"}
+    assert set(v["params"]["stem"]) == {"conv"} and set(v["params"]["head"]) == {"bn", "fc"}
+    assert "se_reduce" in v["params"]["stage2"]["blocks"]
+    factory = models.create("resnet_jax.models:cifar", depth=8, width=4)
+    assert factory.stage_sizes == (1, 1, 1)
+    with pytest.raises(ValueError, match=r"cannot import 'no_such_pkg\.blocks'"):
+        models.create("resnet20", block="no_such_pkg.blocks:X")
+    with pytest.raises(ValueError, match="has no 'Nope'"):
+        models.create("resnet20", head="examples.se:Nope")
+
+
+def test_scanned_stages_split_every_rng_stream():
+    model = models.create("cifar_resnet", depth=20, width=4, block_cls=_DrawBlock)  # 3 per stage
+    x = jnp.zeros((2, 8, 8, 3))
+    rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
+    variables = model.init(rngs, x)
+    _, state = model.apply({k: v for k, v in variables.items() if k != "intermediates"}, x,
+                           rngs={"dropout": jax.random.key(2)}, mutable=["intermediates"])
+    draws = state["intermediates"]["stage1"]["blocks"]["draw"][0]
+    assert draws.shape == (2,) and draws[0] != draws[1]

@@ -61,3 +61,17 @@ def test_local_links_and_images_exist():
     assert local, "the README links to files of the repository"
     missing = [t for t in local if not (ROOT / t).exists()]
     assert not missing, f"README links to missing files: {missing}"
+
+
+def test_layout_section_names_every_part_of_the_tree():
+    layout = re.search(r"## Layout\s*```\n(.*?)```", README, re.S).group(1)
+    named = {line.split()[0].rstrip("/").removesuffix("/*.py") for line in layout.splitlines()
+             if line.strip() and not line.startswith(" ")}
+    package = {f"resnet_jax/{p.name}" for p in (ROOT / "resnet_jax").iterdir()
+               if (p.suffix == ".py" and p.name != "__init__.py")
+               or (p.is_dir() and (p / "__init__.py").exists())}
+    top = {p.name for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))
+           and p.name not in ("resnet_jax", "runs", "build") and not p.name.endswith(".egg-info")
+           and any(p.rglob("*.py")) | any(p.glob("*.md")) | any(p.glob("*.png"))}
+    missing = sorted((package | top | {"train.py"}) - named)
+    assert not missing, f"README's Layout does not name {missing}"

@@ -113,3 +113,22 @@ def test_eval_step_averages_probabilities_over_views(state: TrainState) -> None:
     np.testing.assert_allclose(s1["loss_sum"], s2["loss_sum"], rtol=1e-5)
     with pytest.raises(ValueError, match="rank 4 or 5"):
         eval_step(state, {"image": extra[0], "label": b["label"]})
+
+
+def test_ema_state_averages_params_and_batch_stats_inside_the_step(state: TrainState) -> None:
+    from resnet_jax.train import EMATrainState
+
+    ema = EMATrainState(**{f: getattr(state, f) for f in
+                           ("step", "params", "batch_stats", "opt_state", "apply_fn", "tx")},
+                        ema_params=state.params, ema_batch_stats=state.batch_stats,
+                        ema_decay=0.75)
+    step = jax.jit(train_step)
+    raw, _ = step(state, _batch(8), jax.random.PRNGKey(0))
+    new, _ = step(ema, _batch(8), jax.random.PRNGKey(0))
+    assert isinstance(new, EMATrainState)
+    close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    jax.tree.map(close, new.params, raw.params)  # the update itself is unchanged
+    jax.tree.map(lambda e, p0, p1: close(e, 0.75 * p0 + 0.25 * p1),
+                 new.ema_params, state.params, raw.params)
+    jax.tree.map(lambda e, s0, s1: close(e, 0.75 * s0 + 0.25 * s1),
+                 new.ema_batch_stats, state.batch_stats, raw.batch_stats)

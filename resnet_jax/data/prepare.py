@@ -40,7 +40,13 @@ from typing import Any
 
 import numpy as np
 
-from resnet_jax.data.sources import _CIFAR_LAYOUT, CIFAR_URL, DataError, _unpickle, cifar_archive
+from resnet_jax.data.sources import (
+    CIFAR_LAYOUT,
+    CIFAR_URL,
+    DataError,
+    cifar_archive,
+    unpickle_cifar,
+)
 
 IMAGENET_URL = "https://image-net.org/download-images"
 IMAGENET_TARS = {"train": "ILSVRC2012_img_train.tar", "validation": "ILSVRC2012_img_val.tar"}
@@ -389,7 +395,7 @@ def prepare_imagenet(manual_dir: str, data_dir: str | None, num_shards: int | No
 
 def _cifar_extras(path: str, dataset: str) -> tuple[dict[str, list[str]], dict[str, np.ndarray]]:
     """(label names by feature, cifar100 coarse labels by file) from the python archive."""
-    top = _CIFAR_LAYOUT[dataset][0]
+    top = CIFAR_LAYOUT[dataset][0]
     wanted = {"batches.meta", "meta", "train", "test"}
     raw: dict[str, bytes] = {}
     if os.path.isdir(path):
@@ -407,7 +413,7 @@ def _cifar_extras(path: str, dataset: str) -> tuple[dict[str, list[str]], dict[s
                         continue
                     raw[name] = tar.extractfile(member).read()  # type: ignore[union-attr]
     names: dict[str, list[str]] = {}
-    meta = _unpickle(raw["batches.meta" if dataset == "cifar10" else "meta"]) \
+    meta = unpickle_cifar(raw["batches.meta" if dataset == "cifar10" else "meta"]) \
         if {"batches.meta", "meta"} & set(raw) else {}
     for feature, key in (("label", b"label_names"), ("label", b"fine_label_names"),
                          ("coarse_label", b"coarse_label_names")):
@@ -416,7 +422,7 @@ def _cifar_extras(path: str, dataset: str) -> tuple[dict[str, list[str]], dict[s
     coarse = {}
     if dataset == "cifar100":
         for split in ("train", "test"):
-            batch = _unpickle(raw[split])
+            batch = unpickle_cifar(raw[split])
             coarse[split] = np.asarray(batch[b"coarse_labels"], np.int64)
     return names, coarse
 
@@ -432,7 +438,7 @@ def _png(image: np.ndarray) -> bytes:
 def prepare_cifar(dataset: str, archive: str, data_dir: str | None,
                   num_shards: int | None = None, max_shard_mb: int = MAX_SHARD_MB) -> str:
     """Writes cifar10/cifar100 (train, test) from the official python archive."""
-    expected = _CIFAR_LAYOUT[dataset][4]
+    expected = CIFAR_LAYOUT[dataset][4]
     if not os.path.exists(archive):
         raise DataError(f"{archive} not found: download {expected} (python version) from "
                         f"{CIFAR_URL} (or pass --archive PATH)")
@@ -504,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.dataset == "imagenet2012":
             out = prepare_imagenet(manual_dir, args.data_dir, args.num_shards, args.max_shard_mb)
         else:
-            archive = args.archive or os.path.join(manual_dir, _CIFAR_LAYOUT[args.dataset][4])
+            archive = args.archive or os.path.join(manual_dir, CIFAR_LAYOUT[args.dataset][4])
             out = prepare_cifar(args.dataset, archive, args.data_dir, args.num_shards,
                                 args.max_shard_mb)
     except DataError as e:

@@ -169,7 +169,7 @@ def synthetic(num_train: int, num_eval: int, image_size: int, num_classes: int,
 # ---------------------------------------------------------------------------------------------
 # The official CIFAR-10/100 "python version" archives.
 
-_CIFAR_LAYOUT = {
+CIFAR_LAYOUT = {
     # dataset: (top folder, train files, test files, label key, archive file name, classes)
     "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
                 b"labels", "cifar-10-python.tar.gz", 10),
@@ -194,7 +194,8 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _unpickle(data: bytes) -> dict:
+def unpickle_cifar(data: bytes) -> dict:
+    """One CIFAR python-version pickle (numpy arrays only) as a dict with bytes keys."""
     obj = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
     if not isinstance(obj, dict):
         raise pickle.UnpicklingError(f"expected a dict, got {type(obj).__name__}")
@@ -212,10 +213,10 @@ def _cifar_arrays(batches: list[dict], label_key: bytes) -> tuple[np.ndarray, np
 def cifar_archive(path: str, dataset: str) -> tuple[ArraySource, ArraySource]:
     """Reads the official CIFAR python archive (``cifar-10-python.tar.gz`` /
     ``cifar-100-python.tar.gz``) or the folder it extracts to; returns (train, test)."""
-    if dataset not in _CIFAR_LAYOUT:
+    if dataset not in CIFAR_LAYOUT:
         raise DataError(f"data.archive is for the CIFAR python archives, but dataset="
                         f"{dataset!r}; use --config.dataset=cifar10 or cifar100")
-    top, train_files, test_files, label_key, expected, num_classes = _CIFAR_LAYOUT[dataset]
+    top, train_files, test_files, label_key, expected, num_classes = CIFAR_LAYOUT[dataset]
     how = (f"download {expected} (python version) from {CIFAR_URL} and pass "
            f"--config.data.archive=/path/to/{expected}")
     if not os.path.exists(path):
@@ -240,7 +241,7 @@ def cifar_archive(path: str, dataset: str) -> tuple[ArraySource, ArraySource]:
         if missing:
             raise DataError(f"{path!r} has no {', '.join(missing)}: not the {dataset} python "
                             f"archive ({expected}) or the folder it extracts to; {how}")
-        batches = {name: _unpickle(data) for name, data in raw.items()}
+        batches = {name: unpickle_cifar(data) for name, data in raw.items()}
         train = ArraySource(*_cifar_arrays([batches[n] for n in train_files], label_key),
                             num_classes)
         test = ArraySource(*_cifar_arrays([batches[n] for n in test_files], label_key),
@@ -323,8 +324,8 @@ def _tfds_how(name: str, builder: Any, manual_dir: str | None) -> str:
                 f"https://image-net.org/download-images) in {where} and prepare it once, "
                 f"without tensorflow: `python -m resnet_jax.data.prepare imagenet2012 "
                 f"--manual_dir={where} --data_dir={root}`")
-    if name in _CIFAR_LAYOUT:
-        archive = _CIFAR_LAYOUT[name][4]
+    if name in CIFAR_LAYOUT:
+        archive = CIFAR_LAYOUT[name][4]
         return (f"download {archive} (python version) from {CIFAR_URL} and either prepare it "
                 f"once, without tensorflow: `python -m resnet_jax.data.prepare {name} "
                 f"--archive=/path/to/{archive} --data_dir={root}` (what `tfds build {name} "

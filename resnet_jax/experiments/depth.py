@@ -19,11 +19,11 @@ import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import ml_collections
 
-from resnet_jax import checkpoint, cli
+from resnet_jax import cli
+from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train.loop import train_and_evaluate
 
@@ -62,31 +62,14 @@ def scale_schedule(config: ml_collections.ConfigDict, steps: int) -> str:
             + (f"; warm-up kept at {config.warmup_steps} steps" if config.warmup_steps else ""))
 
 
-def _flat(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _resume_safe(key: str) -> bool:
-    return any(key == f or key.startswith(f + ".") for f in checkpoint.RESUME_SAFE_FIELDS)
-
-
 def check_study_config(config: ml_collections.ConfigDict, netdir: str) -> None:
     """Record ``config`` in ``netdir``, or raise if the recorded one differs in what is computed
-    (fields other than ``checkpoint.RESUME_SAFE_FIELDS``)."""
+    (fields other than ``train.config.RESUME_SAFE_FIELDS``)."""
     path = os.path.join(netdir, STUDY_CONFIG)
-    now = json.loads(config.to_json_best_effort())
+    now = config_lib.to_json(config)
     if os.path.exists(path):
         with open(path) as f:
-            before = _flat(json.load(f))
-        flat = _flat(now)
-        diff = sorted(k for k in set(before) | set(flat)
-                      if before.get(k) != flat.get(k) and not _resume_safe(k))
+            diff = config_lib.changed_fields(json.load(f), now)
         if diff:
             raise ValueError(
                 f"{netdir} was trained with another config (fields {diff}); use another "

@@ -41,13 +41,16 @@ def paired_conv(bn: nn.BatchNorm) -> str:
 def follows_3x3_conv(module: nn.Module, method_name: str) -> bool:
     """``capture_intermediates`` filter: a BatchNorm whose sibling conv has a 3x3 kernel.
 
-    Raises if a BN has no conv of the matching name beside it (a fork with other names must
-    pass its own filter rather than silently lose layers).
+    A BN in a module without convolutions (a pre-activation head) is skipped. Raises if a BN has
+    convs but none of the matching name beside it (a fork with other names must pass its own
+    filter rather than silently lose layers).
     """
     if method_name != "__call__" or not isinstance(module, nn.BatchNorm):
         return False
     conv = paired_conv(module)
     params = module.parent.variables.get("params", {})
+    if not any("conv" in name for name in params):
+        return False  # a BN beside no convolution (a pre-activation head) follows none
     if conv not in params:
         raise ValueError(f"BatchNorm {'/'.join(module.path)} has no sibling {conv!r}; "
                          "pass a filter that names the 3x3 layers of this model.")

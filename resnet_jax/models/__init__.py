@@ -1,7 +1,11 @@
 """The paper's networks by name: ``create("resnet56")``, ``create("resnet50", stride_in="3x3")``.
 
 CIFAR nets (§4.2) default to shortcut option A, ImageNet nets (Table 1) to option B, as in the
-paper's main results. CIFAR nets scan their identical blocks (ResNet-1202's 200 blocks per stage
+paper's main results. ``register(name, factory)`` adds a name; ``create`` also takes a factory's
+import path (``"my_pkg.models:my_net"``), and ``block``/``block_cls``, ``stem`` and ``head``
+overrides may be import paths too (``block="my_pkg.blocks:SEBlock"``), so a config that names
+them by string rebuilds the same network wherever the fork is importable.
+CIFAR nets scan their identical blocks (ResNet-1202's 200 blocks per stage
 compile in seconds); ImageNet nets are unrolled (``stage3/block5/...``, as torchvision's layout).
 Either is a flag: ``scan_blocks=``. ``cifar_resnet``, ``cifar_plain``, ``imagenet_resnet`` and
 ``imagenet_plain`` take any ``depth=`` (6n+2 for CIFAR; 18/34/50/101/152 for ImageNet).
@@ -11,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -24,8 +29,10 @@ from resnet_jax.models.blocks import (
     Shortcut,
     subsample_and_pad,
 )
+from resnet_jax.models.nnx import NNXNetwork, to_nnx
 from resnet_jax.models.resnet import (
     IMAGENET_STAGES,
+    STEMS,
     ResNet,
     Stage,
     Stem,
@@ -39,6 +46,7 @@ __all__ = [
     "VGG",
     "BasicBlock",
     "BottleneckBlock",
+    "NNXNetwork",
     "ResNet",
     "Shortcut",
     "Stage",
@@ -48,7 +56,10 @@ __all__ = [
     "he_normal",
     "init",
     "names",
+    "register",
+    "resolve",
     "subsample_and_pad",
+    "to_nnx",
 ]
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -86,12 +97,40 @@ def imagenet(depth: int, *, shortcut: str = "B", **overrides: Any) -> ResNet:
     return _build(kw, overrides)
 
 
+def resolve(spec: Any) -> Any:
+    """``"package.module:Name"`` -> that object (imported); anything else as it is."""
+    if not isinstance(spec, str):
+        return spec
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"{spec!r} is not an import path 'package.module:Name'.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import {module_name!r} for {spec!r} ({e}); install the "
+                         "package that defines it or run from its directory.") from e
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"{module_name!r} has no {attr!r} (from {spec!r}).")
+        obj = getattr(obj, part)
+    return obj
+
+
 def _build(kw: dict[str, Any], overrides: dict[str, Any]) -> ResNet:
     fields = {f.name for f in dataclasses.fields(ResNet)} - {"parent", "name"}
+    overrides = dict(overrides)
+    if "block" in overrides:  # the config's name for block_cls
+        overrides["block_cls"] = overrides.pop("block")
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"unknown model override(s) {unknown}; valid fields: {sorted(fields)}.")
     kw.update(overrides)
+    for f in ("block_cls", "head"):
+        if isinstance(kw.get(f), str):
+            kw[f] = resolve(kw[f])
+    if isinstance(kw.get("stem"), str) and kw["stem"] not in STEMS:
+        kw["stem"] = resolve(kw["stem"])
     for f in ("dtype", "param_dtype"):
         if f in kw:
             kw[f] = _dtype(kw[f], f)
@@ -151,10 +190,24 @@ def names() -> list[str]:
     return list(_REGISTRY)
 
 
-def create(name: str, **overrides: Any) -> ResNet:
-    """Build a registered network; ``overrides`` set any :class:`ResNet` field (or ``depth``)."""
+def register(name: str, factory: Callable[..., Any], *, overwrite: bool = False) -> None:
+    """Make ``create(name, **overrides)`` call ``factory(**overrides)`` (which returns a linen
+    module taking ``num_classes`` and ``dtype``). A checkpoint records only ``name``, so the
+    fork must register it wherever it is loaded; an import path (``"my_pkg.models:my_net"``)
+    as the config's ``model`` needs no registration."""
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"model {name!r} is registered already; pass overwrite=True.")
+    _REGISTRY[name] = factory
+
+
+def create(name: str, **overrides: Any) -> Any:
+    """Build a registered network (or the factory at import path ``name``); ``overrides`` set
+    any :class:`ResNet` field (or ``depth``; ``block`` is ``block_cls``)."""
     if name not in _REGISTRY:
+        if ":" in name:
+            return resolve(name)(**overrides)
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint}; valid names: {', '.join(_REGISTRY)}.")
+        raise ValueError(f"unknown model {name!r}{hint}; valid names: {', '.join(_REGISTRY)} "
+                         "(or a factory's import path 'my_pkg.models:my_net').")
     return _REGISTRY[name](**overrides)

@@ -7,7 +7,18 @@ Parameter layout (what checkpoints and weight converters see)::
     stage{k}/block{i}/...            i = 1 .. n-1, when scan_blocks=False
     stage{k}/blocks/...              blocks 1 .. n-1 stacked on a leading axis of size n-1,
                                      when scan_blocks=True
-    fc/{kernel,bias}
+    fc/{kernel,bias}                 (a custom ``head``: head/...)
+
+The seams a fork swaps (module classes; in a config, import paths such as
+``"my_pkg.blocks:SEBlock"``, resolved by ``models.create``):
+
+* ``block_cls``: fields ``features, strides, shortcut, conv, norm, act`` (+ ``zero_init_last_bn``,
+  ``stride_in`` where declared) and ``__call__(x)``; see ``models/blocks.py``.
+* ``stem``: "cifar" | "imagenet" (:class:`Stem`), or a module class constructed with those of
+  ``features, conv, norm, act, dtype, param_dtype`` it declares, ``__call__(x)``.
+* ``head``: None (global average pooling + ``fc``, the paper's), or a module class constructed
+  with those of ``num_classes, conv, norm, act, dtype, param_dtype`` it declares,
+  ``__call__(x) -> logits``.
 
 Block 0 of a stage may change the shape (stride 2, more channels); blocks 1..n-1 are identical, so
 ``scan_blocks=True`` runs them with one ``nn.scan`` and compile time grows with the number of
@@ -47,6 +58,12 @@ def _block_field_names(block_cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(block_cls)} if dataclasses.is_dataclass(
         block_cls
     ) else set()
+
+
+def _declared(cls: type, offered: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``offered`` that ``cls`` has a field for."""
+    fields = _block_field_names(cls)
+    return {k: v for k, v in offered.items() if k in fields}
 
 
 class Stem(nn.Module):
@@ -95,7 +112,7 @@ class Stage(nn.Module):
         scanned = nn.scan(
             body,
             variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0},
-            split_rngs={"params": True},
+            split_rngs={True: True},  # every RNG stream (params, dropout, stochastic depth)
             length=rest,
         )
         block = self.scan_block or self.block
@@ -114,7 +131,7 @@ class ResNet(nn.Module):
 
     stage_sizes: Sequence[int]
     block_cls: ModuleDef = BasicBlock
-    stem: str = "cifar"
+    stem: str | ModuleDef = "cifar"
     width: int = 16
     num_classes: int = 10
     shortcut: str = "A"
@@ -128,12 +145,18 @@ class ResNet(nn.Module):
     kernel_init: Callable[..., Array] = he_normal
     scan_blocks: bool = False
     return_features: bool = False
+    head: ModuleDef | None = None
 
     def validate(self) -> None:
         """Raise a one-line ValueError for any invalid field combination."""
         check_shortcut(self.shortcut)
-        if self.stem not in STEMS:
-            raise ValueError(f"stem={self.stem!r} is not one of {STEMS}.")
+        if isinstance(self.stem, str) and self.stem not in STEMS:
+            raise ValueError(f"stem={self.stem!r} is not one of {STEMS} (or a module class, "
+                             "or its import path 'my_pkg.stems:MyStem').")
+        for field in ("block_cls", "stem", "head"):
+            value = getattr(self, field)
+            if value is not None and not isinstance(value, str) and not callable(value):
+                raise ValueError(f"{field}={value!r} is not a module class.")
         if not self.stage_sizes or any(int(n) < 1 for n in self.stage_sizes):
             raise ValueError(f"stage_sizes={tuple(self.stage_sizes)} needs >= 1 block per stage.")
         if self.width < 1 or self.num_classes < 1:
@@ -195,7 +218,13 @@ class ResNet(nn.Module):
             scan_block = functools.partial(block, conv=scan_conv)
         x = jnp.asarray(x, self.dtype)
         features: dict[str, Array] = {}
-        x = Stem(self.stem, self.width, conv, norm, self.act, name="stem")(x)
+        parts = dict(conv=conv, norm=norm, act=self.act, dtype=self.dtype,
+                     param_dtype=self.param_dtype)
+        if isinstance(self.stem, str):
+            x = Stem(self.stem, self.width, conv, norm, self.act, name="stem")(x)
+        else:
+            x = self.stem(**_declared(self.stem, {"features": self.width, **parts}),
+                          name="stem")(x)
         for k, n in enumerate(self.stage_sizes):
             x = Stage(
                 block,
@@ -207,8 +236,13 @@ class ResNet(nn.Module):
                 name=f"stage{k + 1}",
             )(x)
             features[f"stage{k + 1}"] = x
-        x = jnp.mean(x, axis=(1, 2))  # global average pooling
-        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="fc")(x)
+        if self.head is None:
+            x = jnp.mean(x, axis=(1, 2))  # global average pooling
+            x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
+                         name="fc")(x)
+        else:
+            x = self.head(**_declared(self.head, {"num_classes": self.num_classes, **parts}),
+                          name="head")(x)
         logits = jnp.asarray(x, jnp.float32)
         if self.return_features:
             return logits, features

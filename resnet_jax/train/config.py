@@ -1,18 +1,37 @@
-"""The training config: defaults every ``configs/*.py`` starts from, and its validation."""
+"""The training config: defaults every ``configs/*.py`` starts from, its validation, the model it
+builds, and which of its fields may change when a run resumes from a checkpoint."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
 import ml_collections
 from ml_collections import config_dict
 
+from resnet_jax import data, models, parallel
+from resnet_jax.errors import CheckpointMismatch
 from resnet_jax.train import optim
 
 DTYPES = ("float32", "bfloat16")
 
+# Config fields that may change between a checkpoint and its resume: they steer the run, not
+# what is computed. Any other difference is a CheckpointMismatch. A key matches itself and its
+# sub-keys ("distributed" covers "distributed.process_id").
+RESUME_SAFE_FIELDS = (
+    "num_train_steps", "num_epochs", "eval_every_steps", "log_every_steps",
+    "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "parallel", "cpu_devices",
+    "distributed",
+    "data.archive", "data.data_dir", "data.manual_dir", "data.download", "data.tfds_eval_split",
+    "data.eval_protocol", "data.eval_resize", "data.multi_scale_sizes", "data.prefetch",
+    "data.workers", "data.on_device",
+)
+MODEL_FIELDS = ("model", "model_kwargs")
+
 
 def _data_defaults() -> ml_collections.ConfigDict:
-    from resnet_jax import data
-
     return data.default_config()
 
 
@@ -31,12 +50,88 @@ def model_kwargs_defaults() -> ml_collections.ConfigDict:
         "bn_epsilon": config_dict.placeholder(float),
         "zero_init_last_bn": config_dict.placeholder(bool),
         "scan_blocks": config_dict.placeholder(bool),
+        # Module seams by import path ("my_pkg.blocks:SEBlock"), stored as that string; "stem"
+        # also takes "cifar" | "imagenet" (models.resnet.STEMS).
+        "block": config_dict.placeholder(str),
+        "stem": config_dict.placeholder(str),
+        "head": config_dict.placeholder(str),
     })
 
 
 def model_overrides(config: ml_collections.ConfigDict) -> dict:
     """The ``model_kwargs`` that are set (not None)."""
     return {k: v for k, v in config.model_kwargs.to_dict().items() if v is not None}
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
+    """``models.create(config.model, num_classes=..., dtype=..., **set model_kwargs)``."""
+    kwargs = {"num_classes": num_classes, "dtype": config.dtype}
+    kwargs.update(model_overrides(config))
+    return models.create(config.model, **kwargs)
+
+
+def to_json(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """``config`` as plain JSON values (what a checkpoint records)."""
+    return json.loads(config.to_json_best_effort())
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"data.image_size": 32, ...}``: nested mappings as dotted keys."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def resume_safe(key: str, fields: Sequence[str] = RESUME_SAFE_FIELDS) -> bool:
+    """``key`` (dotted) is one of ``fields`` or under one of them."""
+    return any(key == f or key.startswith(f + ".") for f in fields)
+
+
+def changed_fields(before: Mapping[str, Any], after: Mapping[str, Any], *,
+                   one_sided: bool = True) -> list[str]:
+    """Dotted keys whose values differ between two configs (JSON), resume-safe fields excluded;
+    ``one_sided``: a key present on one side only counts as changed."""
+    a, b = flatten(before), flatten(after)
+    keys = set(a) | set(b) if one_sided else set(a) & set(b)
+    return sorted(k for k in keys if a.get(k) != b.get(k) and not resume_safe(k))
+
+
+def describe_model(config: Mapping[str, Any]) -> str:
+    """``'cifar_resnet' {'depth': 8, 'width': 4}``: the model name and its set kwargs."""
+    kwargs = {k: v for k, v in (config.get("model_kwargs") or {}).items() if v is not None}
+    return f"{config.get('model')!r}" + (f" {kwargs}" if kwargs else "")
+
+
+def check_same_model(saved: Mapping[str, Any], config: Mapping[str, Any], where: str) -> None:
+    """Raise :class:`CheckpointMismatch` unless the two configs (JSON) name the same model."""
+    a = flatten({k: saved.get(k) for k in MODEL_FIELDS})
+    b = flatten({k: config.get(k) for k in MODEL_FIELDS})
+    if any(a.get(k) != b.get(k) for k in set(a) | set(b)):
+        raise CheckpointMismatch(
+            f"{where} was written for model {describe_model(saved)}, but this config builds "
+            f"{describe_model(config)}; use the checkpoint's model or another --workdir."
+        )
+
+
+def check_resume(saved: Mapping[str, Any], config: Mapping[str, Any], where: str) -> list[str]:
+    """Raise :class:`CheckpointMismatch` if a field that changes what is computed differs;
+    returns the fields present on one side only (code changed since the save: a warning)."""
+    changed = changed_fields(saved, config, one_sided=False)
+    if changed:
+        a, b = flatten(saved), flatten(config)
+        diffs = ", ".join(f"{k} {a[k]!r} -> {b[k]!r}" for k in changed[:4])
+        more = f" (+{len(changed) - 4} more)" if len(changed) > 4 else ""
+        raise CheckpointMismatch(
+            f"{where} was written with another config: {diffs}{more}; resuming would not "
+            "continue that run. Restore those values or use another --workdir."
+        )
+    a, b = flatten(saved), flatten(config)
+    return sorted(k for k in set(a) ^ set(b) if not resume_safe(k))
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -76,7 +171,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.warmup_steps = 0
     c.warmup_type = "constant"  # "constant" (hold warmup_lr, §4.2) | "linear" (from warmup_lr)
     c.warmup_lr = 0.01
-    c.label_smoothing = 0.0
+    c.warmup_epochs = 0.0  # > 0: warm up for this many epochs instead of warmup_steps (Goyal)
+    # -- beyond the paper (all off by default) --
+    c.optimizer = "sgd"  # "sgd" (the paper's) | "lars" (You et al. 2017, for 16k-32k batches)
+    c.lars_trust_coefficient = 0.001
+    c.label_smoothing = 0.0  # Szegedy et al. 2016, in the loss only; metrics stay top-1/top-5
+    c.ema_decay = 0.0  # > 0: also keep an EMA of the weights, evaluated beside them (not in paper)
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.initialize = False  # True: jax.distributed.initialize() (cluster auto-detect)
@@ -106,13 +206,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail before any data is read; the dataset name by ``data.info``, batch divisibility by
     ``parallel.check_batch_size`` once the devices are known.
     """
-    from resnet_jax import models, parallel
-
     models.create(config.model, **model_overrides(config))
 
     _one_of(config, "parallel", parallel.MODES)
     _one_of(config, "dtype", DTYPES)
     _one_of(config, "schedule", optim.SCHEDULES)
+    _one_of(config, "optimizer", optim.OPTIMIZERS)
     _one_of(config, "warmup_type", optim.WARMUPS)
     _one_of(config, "weight_decay_mask", optim.WEIGHT_DECAY_MASKS)
     _one_of(config, "lr_boundaries_unit", optim.LR_BOUNDARY_UNITS)
@@ -128,12 +227,16 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ValueError(f"momentum={config.momentum} must be in [0, 1); the paper uses 0.9.")
     if config.weight_decay < 0:
         raise ValueError(f"weight_decay={config.weight_decay} must be >= 0; the paper uses 1e-4.")
+    if not 0.0 <= config.ema_decay < 1.0:
+        raise ValueError(f"ema_decay={config.ema_decay} must be in [0, 1); 0 turns the EMA off, "
+                         "e.g. --config.ema_decay=0.9999.")
     if not 0.0 <= config.label_smoothing < 1.0:
         raise ValueError(f"label_smoothing={config.label_smoothing} must be in [0, 1).")
     if not 0.0 < config.lr_decay_factor <= 1.0:
         raise ValueError(f"lr_decay_factor={config.lr_decay_factor} must be in (0, 1].")
-    if config.warmup_steps < 0:
-        raise ValueError(f"warmup_steps={config.warmup_steps} must be >= 0.")
+    if config.warmup_steps < 0 or config.warmup_epochs < 0:
+        raise ValueError(f"warmup_steps={config.warmup_steps} and warmup_epochs="
+                         f"{config.warmup_epochs} must be >= 0.")
     bounds = list(config.lr_boundaries)
     if config.schedule == "piecewise" and bounds != sorted(bounds):
         raise ValueError(f"lr_boundaries={tuple(bounds)} must be increasing, e.g. (32000, 48000).")

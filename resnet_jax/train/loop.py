@@ -20,12 +20,19 @@ import jax
 import ml_collections
 import numpy as np
 
-from resnet_jax import checkpoint, data, models, parallel
+from resnet_jax import data, parallel
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train import preprocess as preprocess_lib
-from resnet_jax.train.state import TrainState, create_train_state
-from resnet_jax.train.step import eval_step, train_step
+from resnet_jax.train.config import build_model
+from resnet_jax.train.evaluate import compile_eval, describe, evaluate
+from resnet_jax.train.policy import TrainingCheckpoints
+from resnet_jax.train.preprocess import make_preprocess
+from resnet_jax.train.state import create_train_state
+from resnet_jax.train.step import train_step
+
+__all__ = ["build_model", "compile_eval", "evaluate", "make_preprocess", "num_train_steps",
+           "train_and_evaluate"]
 
 
 def _log(message: str) -> None:
@@ -38,48 +45,6 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) 
     if config.num_epochs > 0:
         return max(1, round(config.num_epochs * num_train_examples / config.batch_size))
     return int(config.num_train_steps)
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
-    """``models.create(config.model, num_classes=..., dtype=..., **set model_kwargs)``."""
-    kwargs = {"num_classes": num_classes, "dtype": config.dtype}
-    kwargs.update(config_lib.model_overrides(config))
-    return models.create(config.model, **kwargs)
-
-
-def make_preprocess(config: ml_collections.ConfigDict) -> Any:
-    """The jit-able ``preprocess(batch)`` for ``config``'s batches (mean and padding bound)."""
-    recipe = data.device_recipe(config)
-    return functools.partial(preprocess_lib.preprocess, mean=recipe.mean, pad=recipe.pad)
-
-
-def compile_eval(config: ml_collections.ConfigDict) -> parallel.ParallelStep:
-    """``eval_step`` with ``config``'s preprocess, for ``config.parallel``."""
-    step = functools.partial(eval_step, preprocess=make_preprocess(config))
-    return parallel.compile(step, config.parallel, donate_state=False)
-
-
-def evaluate(
-    eval_fn: parallel.ParallelStep, state: TrainState, config: ml_collections.ConfigDict
-) -> dict[str, float]:
-    """The whole eval split: test_loss, test_error, test_top5_error (padding counts zero)."""
-    stream = data.create(
-        config, "eval", process_index=jax.process_index(),
-        process_count=jax.process_count(), seed=config.seed,
-    )
-    outputs = [eval_fn(state, batch) for batch in stream]  # dispatched; fetched once below
-    sums: dict[str, float] = {}
-    for out in eval_fn.fetch(outputs):
-        for key, value in out.items():
-            sums[key] = sums.get(key, 0.0) + float(value)
-    count = sums["count"]
-    if count <= 0:
-        raise ValueError(f"the eval split of {config.dataset!r} is empty.")
-    return {
-        "test_loss": sums["loss_sum"] / count,
-        "test_error": sums["error_sum"] / count,
-        "test_top5_error": sums["top5_error_sum"] / count,
-    }
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -121,7 +86,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bn_sync=config.bn_sync,
     )
     eval_fn = compile_eval(config)
-    ckpt = checkpoint.TrainingCheckpoints(
+    ckpt = TrainingCheckpoints(
         workdir, config, num_classes=info.num_classes, image_shape=info.image_shape
     )
     state, start_step, base_rng = ckpt.restore(state, base_rng)  # (state, 0, base_rng) if none
@@ -145,7 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending: list[Any] = []
     last: dict[str, float] = {}
     t_mark, step_mark = time.perf_counter(), start_step
-    ckpt.watch_signals()  # SIGTERM/SIGINT: finish the step, save, raise checkpoint.Preempted
+    ckpt.watch_signals()  # SIGTERM/SIGINT: finish the step, save, raise errors.Preempted
     try:
         for step in range(start_step, total_steps):
             batch = next(stream)
@@ -172,21 +137,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 _log(metrics_lib.progress_line(
                     done, total_steps, scalars, elapsed / (done - step_mark)
                 ))
-            stop = ckpt.step_done(
-                done, state, fetch=train_fn.fetch, pending=pending, total_steps=total_steps
-            )  # saves at checkpoint steps, the last step and on a stop request
+            stop = ckpt.stop_requested(done, total_steps)
             if not stop and (done % config.eval_every_steps == 0 or done == total_steps):
                 t_eval = time.perf_counter()
                 test = evaluate(eval_fn, state, config)
                 t_mark += time.perf_counter() - t_eval  # images/s counts training time only
-                _log(
-                    f"step {done}: test error {100 * test['test_error']:.2f}% "
-                    f"(top-5 {100 * test['test_top5_error']:.2f}%), loss {test['test_loss']:.4f}"
-                )
+                _log(f"step {done}: {describe(test)}")
                 scalars.update(test)
-            if scalars:
+            if scalars:  # written (and flushed) before this step's checkpoint is started
                 writer.write(done, scalars)
                 last.update(scalars)
+            ckpt.save_if_due(done, state, fetch=train_fn.fetch, pending=pending,
+                             total_steps=total_steps, stop=stop)
             if "images_per_second" in scalars:
                 t_mark, step_mark = time.perf_counter(), done
             if stop:

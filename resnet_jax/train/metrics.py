@@ -10,14 +10,24 @@ import datetime
 import json
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2
+from tensorboardX.summary import scalar as scalar_summary
 
 
 class MetricWriter:
-    """Scalars to ``workdir/metrics.jsonl`` (appended to when resuming) and TensorBoard events."""
+    """Scalars to ``workdir/metrics.jsonl`` (appended to when resuming) and TensorBoard events.
+
+    Both are written synchronously and flushed by :meth:`write` (tensorboardX's
+    ``SummaryWriter`` queues events to a thread, which a kill -9 loses), and the loop writes a
+    step's scalars before it starts that step's checkpoint: a run resumed from checkpoint N
+    never lacks a point at or before N.
+    """
 
     def __init__(self, workdir: str, *, enabled: bool = True, append: bool = False,
                  purge_step: int | None = None) -> None:
@@ -28,10 +38,15 @@ class MetricWriter:
         self._tb: Any = None
         self._jsonl: Any = None
         if enabled:
-            from tensorboardX import SummaryWriter
-
             os.makedirs(workdir, exist_ok=True)
-            self._tb = SummaryWriter(workdir, purge_step=purge_step)
+            # a unique name: a restart within the same second must not overwrite the file
+            suffix = f".{os.getpid()}.{time.time_ns() % 10**9}"
+            self._tb = EventsWriter(os.path.join(workdir, "events"), suffix)
+            if purge_step is not None:
+                self._tb.write_event(event_pb2.Event(
+                    wall_time=time.time(), step=int(purge_step),
+                    session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
+            self._tb.flush()
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a" if append else "w")  # noqa: SIM115
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
@@ -41,11 +56,14 @@ class MetricWriter:
         record = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
+        now = time.time()
         for key, value in scalars.items():
-            self._tb.add_scalar(key, float(value), int(step))
+            self._tb.write_event(event_pb2.Event(
+                wall_time=now, step=int(step), summary=scalar_summary(key, float(value))))
         self._tb.flush()
 
     def close(self) -> None:
+        """Close both files."""
         if self.enabled:
             self._jsonl.close()
             self._tb.close()

@@ -15,12 +15,16 @@ with ``image`` by :func:`gather`.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from resnet_jax import data
 from resnet_jax.data import augment
 
 Batch = dict[str, Any]
@@ -51,6 +55,12 @@ def preprocess(batch: Batch, *, mean: np.ndarray | jax.Array, pad: int = 0) -> B
             x = jnp.where(batch["flip"][:, None, None, None], x[:, :, ::-1], x)
         out[key] = x
     return out
+
+
+def make_preprocess(config: ml_collections.ConfigDict) -> Callable[[Batch], Batch]:
+    """The jit-able ``preprocess(batch)`` for ``config``'s batches (mean and padding bound)."""
+    recipe = data.device_recipe(config)
+    return functools.partial(preprocess, mean=recipe.mean, pad=recipe.pad)
 
 
 def _pad_crop(x: jax.Array, offsets: jax.Array, pad: int) -> jax.Array:

@@ -41,6 +41,34 @@ class TrainState(flax.struct.PyTreeNode):
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **changes)
 
 
+class EMATrainState(TrainState):
+    """A :class:`TrainState` that also keeps an exponential moving average of the weights and
+    the BN statistics, updated with every optimiser step: ``ema = d * ema + (1 - d) * new``.
+
+    The checkpoint saves it whole (``ema_params/...``, ``ema_batch_stats/...``).
+    """
+
+    ema_params: Any
+    ema_batch_stats: Any
+    ema_decay: float = flax.struct.field(pytree_node=False, default=0.9999)
+
+    @property
+    def ema_variables(self) -> dict[str, Any]:
+        """``{"params", "batch_stats"}`` of the average, as the model's ``apply`` takes them."""
+        return {"params": self.ema_params, "batch_stats": self.ema_batch_stats}
+
+    def apply_gradients(self, grads: Any, **changes: Any) -> EMATrainState:
+        """One optimiser update, then the EMA of the new params and batch_stats."""
+        new = super().apply_gradients(grads, **changes)
+        d = self.ema_decay
+
+        def ema(old: Any, now: Any) -> Any:
+            return jax.tree.map(lambda a, b: (d * a + (1.0 - d) * b).astype(a.dtype), old, now)
+
+        return new.replace(ema_params=ema(self.ema_params, new.params),
+                           ema_batch_stats=ema(self.ema_batch_stats, new.batch_stats))
+
+
 def create_train_state(
     config: ml_collections.ConfigDict,
     model: nn.Module,
@@ -51,13 +79,14 @@ def create_train_state(
 ) -> TrainState:
     """Initialise the model on a zero image of ``image_shape`` (H, W, C) and build the optimiser.
 
-    ``steps_per_epoch`` converts epoch-valued LR boundaries to steps. Deterministic in ``rng``,
+    ``steps_per_epoch`` converts epoch-valued LR boundaries to steps; ``config.ema_decay > 0``
+    gives an :class:`EMATrainState`. Deterministic in ``rng``,
     so every process of a multi-host run builds the same state.
     """
     variables = models.init(model, rng, (1, *image_shape))
     tx = optim.create_optimizer(config, steps_per_epoch)
     params = variables["params"]
-    return TrainState(
+    fields = dict(
         step=jnp.zeros((), jnp.int32),
         params=params,
         batch_stats=variables.get("batch_stats", {}),
@@ -65,3 +94,8 @@ def create_train_state(
         apply_fn=model.apply,
         tx=tx,
     )
+    decay = float(config.get("ema_decay", 0.0))
+    if decay > 0:
+        return EMATrainState(**fields, ema_params=params, ema_batch_stats=fields["batch_stats"],
+                             ema_decay=decay)
+    return TrainState(**fields)

@@ -1,0 +1,71 @@
+"""Every expected failure of the library and the exit status each one maps to.
+
+A leaf module (standard library only), so persistence, the training policy and the command-line
+entry points share one list. ``resnet_jax.cli.exit_on_error`` prints the message as one line and
+exits with :func:`exit_code`; ``resnet_jax.data.DataError`` (data's own) maps to
+:data:`EXIT_CONFIG`.
+"""
+
+from __future__ import annotations
+
+import signal
+
+EXIT_CONFIG = 2  # config, usage or data error, before anything is compiled; another model/config
+EXIT_DIVERGED = 3  # non-finite loss or state; the newest checkpoint is the last good one
+EXIT_NO_CHECKPOINT = 4  # no readable checkpoint (all damaged, or none for --mode eval)
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143: stopped by SIGTERM after saving (resumable)
+EXIT_SIGINT = 128 + signal.SIGINT  # 130: stopped by SIGINT (Ctrl-C) after saving (resumable)
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint was written for another model, state or config than the one running."""
+
+
+class CheckpointDamaged(RuntimeError):
+    """No checkpoint in the directory can be read."""
+
+
+class CheckpointNotFound(FileNotFoundError):
+    """The workdir has no checkpoint (or not the step asked for)."""
+
+
+class TrainingDiverged(RuntimeError):
+    """A non-finite loss or state; ``step`` is the first bad step found."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT: the state of ``step`` was saved; exit with ``exit_code`` to be requeued."""
+
+    def __init__(self, signum: int, step: int, directory: str) -> None:
+        self.signum = signum
+        self.step = step
+        self.exit_code = 128 + signum
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {step} saved "
+            f"in {directory}; exit code {self.exit_code}. Rerun the same command to resume."
+        )
+
+
+class CommandFailed(RuntimeError):
+    """A failure that carries its own exit status (e.g. a failed ``--jobs`` lane's)."""
+
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def exit_code(error: BaseException) -> int | None:
+    """The exit status of an expected failure; None for an unexpected one (a bug: traceback)."""
+    if isinstance(error, CheckpointDamaged | CheckpointNotFound):
+        return EXIT_NO_CHECKPOINT
+    if isinstance(error, TrainingDiverged):
+        return EXIT_DIVERGED
+    if isinstance(error, CommandFailed | Preempted):
+        return error.exit_code
+    if isinstance(error, ValueError | FileNotFoundError):
+        return EXIT_CONFIG
+    return None
