@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+OPTIMIZERS = ("sgd", "lars")
 SCHEDULES = ("piecewise", "cosine", "constant")
 WARMUPS = ("constant", "linear")
 WEIGHT_DECAY_MASKS = ("kernels", "all")
@@ -71,6 +72,10 @@ def create_learning_rate_schedule(
     """
     lr = base_learning_rate(config)
     warmup_steps = int(config.warmup_steps)
+    if config.get("warmup_epochs", 0.0) > 0:  # Goyal et al. 2017: 5 epochs, whatever the batch
+        if steps_per_epoch is None:
+            raise ValueError("warmup_epochs needs the dataset size (steps_per_epoch).")
+        warmup_steps = round(float(config.warmup_epochs) * steps_per_epoch)
     if config.schedule == "piecewise":
         main = piecewise_constant(
             lr, boundaries_in_steps(config, steps_per_epoch), float(config.lr_decay_factor)
@@ -119,12 +124,28 @@ def weight_decay_mask(params: Any, which: str = "kernels") -> Any:
 def create_optimizer(
     config: ml_collections.ConfigDict, steps_per_epoch: float | None = None
 ) -> optax.GradientTransformation:
-    """Weight decay (masked) then SGD with momentum; the LR is readable from the state.
+    """Weight decay (masked) then SGD with momentum (the paper's), or LARS
+    (``config.optimizer="lars"``); the LR is readable from the state.
 
-    The SGD part is wrapped in ``optax.inject_hyperparams`` so the learning rate of the last
+    The update is wrapped in ``optax.inject_hyperparams`` so the learning rate of the last
     update can be read back with :func:`current_learning_rate`.
     """
     schedule = create_learning_rate_schedule(config, steps_per_epoch)
+    optimizer = config.get("optimizer", "sgd")
+    if optimizer == "lars":
+        # You, Gitman and Ginsburg 2017 (LARS): per-layer trust ratio ||w|| / ||g + wd w||;
+        # like weight decay, it applies to conv/dense kernels only under the default mask.
+        which = config.weight_decay_mask
+        mask = lambda params: weight_decay_mask(params, which)
+        return optax.inject_hyperparams(
+            optax.lars, static_args=("nesterov", "weight_decay_mask", "trust_ratio_mask"))(
+            learning_rate=schedule, weight_decay=float(config.weight_decay),
+            weight_decay_mask=mask, trust_ratio_mask=mask,
+            trust_coefficient=float(config.get("lars_trust_coefficient", 0.001)),
+            momentum=float(config.momentum), nesterov=bool(config.nesterov))
+    if optimizer != "sgd":
+        raise ValueError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}; "
+                         "e.g. --config.optimizer=sgd.")
     sgd = optax.inject_hyperparams(optax.sgd, static_args=("nesterov",))(
         learning_rate=schedule,
         momentum=float(config.momentum) if config.momentum else None,
