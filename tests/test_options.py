@@ -131,3 +131,83 @@ def test_nnx_network_matches_linen_and_trains_one_step():
                  new["batch_stats"])
     with pytest.raises(ValueError, match="variables need a 'params' collection"):
         models.to_nnx(model, {"batch_stats": variables["batch_stats"]})
+
+
+def _tiny_state(dtype: str, **fields):
+    from resnet_jax.train.state import create_train_state
+
+    c = config_lib.default_config()
+    c.dtype, c.schedule, c.learning_rate = dtype, "constant", 0.05
+    for key, value in fields.items():
+        c[key] = value
+    model = models.create("cifar_resnet", depth=8, width=8, num_classes=10, dtype=dtype)
+    return create_train_state(c, model, jax.random.PRNGKey(0), image_shape=(16, 16, 3))
+
+
+def _batches(n: int):
+    r = np.random.default_rng(0)
+    return [{"image": r.normal(size=(16, 16, 16, 3)).astype(np.float32),
+             "label": r.integers(0, 10, 16).astype(np.int32)} for _ in range(n)]
+
+
+def test_mixed_precision_trains_like_float32_and_keeps_float32_state():
+    from resnet_jax.train.step import train_step
+
+    step = jax.jit(train_step)
+    losses, states = {}, {}
+    for dtype in ("float32", "bfloat16", "float16"):
+        state = _tiny_state(dtype)
+        out = []
+        for k, batch in enumerate(_batches(6)):
+            state, m = step(state, batch, jax.random.PRNGKey(k))
+            out.append(float(m["loss"]))
+        losses[dtype], states[dtype] = np.array(out), state
+        for tree in (state.params, state.batch_stats):  # master weights and BN stats in f32
+            assert {x.dtype for x in jax.tree.leaves(tree)} == {np.dtype("float32")}, dtype
+    assert losses["float32"][-1] < losses["float32"][0]
+    for dtype, bound in (("bfloat16", 0.05), ("float16", 0.01)):
+        np.testing.assert_allclose(losses[dtype], losses["float32"], rtol=bound, err_msg=dtype)
+        ref = np.concatenate([x.ravel() for x in jax.tree.leaves(states["float32"].params)])
+        got = np.concatenate([x.ravel() for x in jax.tree.leaves(states[dtype].params)])
+        rel = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))  # all weights together
+        assert rel < bound, (dtype, rel)
+    assert optim.current_loss_scale(states["float32"].opt_state) is None
+    assert float(optim.current_loss_scale(states["float16"].opt_state)) == 2.0**15
+
+
+def test_float16_skips_overflowing_steps_and_halves_the_loss_scale():
+    from resnet_jax.train.step import train_step
+
+    state = _tiny_state("float16")
+    big = optim.LossScaleState(state.opt_state.inner, jnp.float32(1e30), jnp.int32(0))
+    state = state.replace(opt_state=big)  # loss * 1e30 overflows float16 in the backward pass
+    new, _ = jax.jit(train_step)(state, _batches(1)[0], jax.random.PRNGKey(0))
+    jax.tree.map(np.testing.assert_array_equal, new.params, state.params)  # step skipped
+    assert float(optim.current_loss_scale(new.opt_state)) == np.float32(5e29)
+    tx = optim.dynamic_loss_scale(optax.sgd(1.0), growth_interval=2)
+    s = tx.init({"w": jnp.ones(2)})
+    for _ in range(2):
+        _, s = tx.update({"w": jnp.ones(2)}, s)
+    assert float(s.loss_scale) == 2.0**16 and int(s.good_steps) == 0  # grown after 2 good
+
+
+def test_profile_steps_write_a_trace_into_the_workdir(tmp_path):
+    from helpers import override
+
+    from resnet_jax.train.loop import train_and_evaluate
+
+    c = override(config_lib.default_config(), **{
+        "model": "cifar_resnet", "model_kwargs.depth": 8, "model_kwargs.width": 4,
+        "dataset": "synthetic", "data.num_train": 32, "data.num_eval": 8,
+        "data.image_size": 8, "batch_size": 8, "eval_batch_size": 8, "num_train_steps": 4,
+        "log_every_steps": 2, "eval_every_steps": 4, "checkpoint_every_steps": 4,
+        "profile_steps": "1,3"})
+    train_and_evaluate(c, str(tmp_path))
+    traces = list(tmp_path.glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 1000
+    c.profile_steps = "3,1"
+    with pytest.raises(ValueError, match="START must be below STOP"):
+        config_lib.validate(c)
+    c.profile_steps = "ten"
+    with pytest.raises(ValueError, match="give START,STOP step indices"):
+        config_lib.validate(c)

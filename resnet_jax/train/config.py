@@ -15,7 +15,7 @@ from resnet_jax import data, models, parallel
 from resnet_jax.errors import CheckpointMismatch
 from resnet_jax.train import optim
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
 
 # Config fields that may change between a checkpoint and its resume: they steer the run, not
 # what is computed. Any other difference is a CheckpointMismatch. A key matches itself and its
@@ -23,7 +23,7 @@ DTYPES = ("float32", "bfloat16")
 RESUME_SAFE_FIELDS = (
     "num_train_steps", "num_epochs", "eval_every_steps", "log_every_steps",
     "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "parallel", "cpu_devices",
-    "distributed",
+    "distributed", "profile_steps",
     "data.archive", "data.data_dir", "data.manual_dir", "data.download", "data.tfds_eval_split",
     "data.eval_protocol", "data.eval_resize", "data.multi_scale_sizes", "data.prefetch",
     "data.workers", "data.on_device",
@@ -155,7 +155,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.parallel = "jit"  # "jit" (global view, sharded) | "pmap"
     c.bn_sync = True  # False: BN statistics per device (the paper's multi-GPU setup)
     c.cpu_devices = 0  # N > 0: split the host CPU into N devices (one per core is fastest)
-    c.dtype = "float32"  # compute dtype; params stay float32
+    c.dtype = "float32"  # compute dtype; params, BN statistics, loss and optimiser stay float32;
+    #   "float16" adds dynamic loss scaling (GPUs without fast bfloat16)
 
     # §3.4 / §4.2: SGD, momentum 0.9, weight decay 1e-4, lr 0.1 /10 at 32k and 48k.
     c.learning_rate = 0.1
@@ -176,6 +177,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer = "sgd"  # "sgd" (the paper's) | "lars" (You et al. 2017, for 16k-32k batches)
     c.lars_trust_coefficient = 0.001
     c.label_smoothing = 0.0  # Szegedy et al. 2016, in the loss only; metrics stay top-1/top-5
+    c.profile_steps = ""  # "START,STOP": a jax.profiler trace of steps START..STOP-1 in workdir
     c.ema_decay = 0.0  # > 0: also keep an EMA of the weights, evaluated beside them (not in paper)
 
     c.distributed = ml_collections.ConfigDict()
@@ -184,6 +186,21 @@ def default_config() -> ml_collections.ConfigDict:
     c.distributed.num_processes = -1  # -1: detect
     c.distributed.process_id = -1  # -1: detect
     return c
+
+
+def profile_window(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+    """``config.profile_steps`` ("START,STOP") as (start, stop), or None when unset."""
+    text = str(config.get("profile_steps", "") or "").strip()
+    if not text:
+        return None
+    parts = text.split(",")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ValueError(f"profile_steps={text!r}: give START,STOP step indices, e.g. "
+                         "--config.profile_steps=10,20")
+    start, stop = (int(p) for p in parts)
+    if not start < stop:
+        raise ValueError(f"profile_steps={text!r}: START must be below STOP, e.g. 10,20")
+    return start, stop
 
 
 def _one_of(config: ml_collections.ConfigDict, field: str, allowed: tuple[str, ...]) -> None:
@@ -212,6 +229,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _one_of(config, "dtype", DTYPES)
     _one_of(config, "schedule", optim.SCHEDULES)
     _one_of(config, "optimizer", optim.OPTIMIZERS)
+    profile_window(config)
     _one_of(config, "warmup_type", optim.WARMUPS)
     _one_of(config, "weight_decay_mask", optim.WEIGHT_DECAY_MASKS)
     _one_of(config, "lr_boundaries_unit", optim.LR_BOUNDARY_UNITS)

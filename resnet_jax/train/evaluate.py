@@ -12,7 +12,7 @@ import functools
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -134,6 +134,30 @@ def _model_from_meta(meta: dict[str, Any], where: str) -> nn.Module:
                                   int(meta["model"]["num_classes"]))
 
 
+class Run(NamedTuple):
+    """A checkpoint read back: the rebuilt model, its variables, the run config and the step."""
+
+    model: nn.Module
+    variables: dict[str, Any]
+    config: ml_collections.ConfigDict
+    step: int
+
+
+def load_run(workdir: str, step: int | None = None, *, ema: bool = False) -> Run:
+    """:func:`load` plus the config the run was trained with and the checkpoint's step."""
+    saved: dict[str, Any] = {}
+
+    def model_for(meta: dict[str, Any], where: str) -> nn.Module:
+        saved["config"] = meta["config"]
+        return _model_from_meta(meta, where)
+
+    model, arrays, s = _restore_variables(workdir, step, model_for, ema="yes" if ema else "no")
+    names = EMA_VARIABLES if ema else VARIABLES
+    variables = {k: jax.tree.map(jax.numpy.asarray, arrays[n])
+                 for k, n in zip(VARIABLES, names, strict=True)}
+    return Run(model, variables, ml_collections.ConfigDict(saved["config"]), int(s))
+
+
 def load(workdir: str, step: int | None = None, *, ema: bool = False
          ) -> tuple[nn.Module, dict[str, Any]]:
     """``(model, {"params", "batch_stats"})`` of the newest readable checkpoint (or ``step``).
@@ -142,12 +166,8 @@ def load(workdir: str, step: int | None = None, *, ema: bool = False
     train=False)`` gives logits. ``ema``: the moving average of a run with ``ema_decay > 0``.
     A damaged newest checkpoint is skipped with a warning.
     """
-    model, arrays, _ = _restore_variables(workdir, step, _model_from_meta,
-                                          ema="yes" if ema else "no")
-    names = EMA_VARIABLES if ema else VARIABLES
-    variables = {k: jax.tree.map(jax.numpy.asarray, arrays[n])
-                 for k, n in zip(VARIABLES, names, strict=True)}
-    return model, variables
+    run = load_run(workdir, step, ema=ema)
+    return run.model, run.variables
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,

@@ -110,15 +110,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     pending: list[Any] = []
     last: dict[str, float] = {}
     t_mark, step_mark = time.perf_counter(), start_step
+    profile = metrics_lib.ProfileWindow(config_lib.profile_window(config), workdir,
+                                        enabled=is_main)
     ckpt.watch_signals()  # SIGTERM/SIGINT: finish the step, save, raise errors.Preempted
     try:
         for step in range(start_step, total_steps):
+            profile.before(step)
             batch = next(stream)
             if gather is not None:
                 batch = gather(batch)
             state, step_metrics = train_fn(state, batch, jax.random.fold_in(host_rng, step))
             pending.append(step_metrics)
             done = step + 1
+            profile.after(done, step_metrics)
             scalars: dict[str, float] = {}
             if done % config.log_every_steps == 0 or done == total_steps:
                 fetched = train_fn.fetch(pending)  # the only host sync between evals
@@ -154,6 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
             if stop:
                 raise ckpt.preempted(done)
     finally:
+        profile.close()
         stream.close()
         writer.close()
         ckpt.close()  # waits for the asynchronous saves

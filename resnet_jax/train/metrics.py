@@ -14,6 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2
@@ -121,3 +122,31 @@ def plot_curves(records: Sequence[Mapping[str, float]], path: str, title: str = 
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+class ProfileWindow:
+    """A ``jax.profiler`` trace of the training steps ``start .. stop-1`` written into
+    ``workdir`` (``workdir/plugins/profile/<run>/*.xplane.pb``: TensorBoard's profile plugin
+    reads it with ``tensorboard --logdir WORKDIR``). ``window`` None: does nothing."""
+
+    def __init__(self, window: tuple[int, int] | None, workdir: str, *, enabled: bool) -> None:
+        self._window = window if enabled else None
+        self._workdir = workdir
+        self._on = False
+
+    def before(self, step: int) -> None:
+        """Called before step ``step`` runs."""
+        if self._window is not None and step == self._window[0]:
+            jax.profiler.start_trace(self._workdir)
+            self._on = True
+
+    def after(self, done: int, outputs: Any) -> None:
+        """Called after ``done`` steps; ends the trace once the window's last step finished."""
+        if self._on and done >= self._window[1]:  # type: ignore[index]
+            jax.block_until_ready(outputs)
+            self.close()
+
+    def close(self) -> None:
+        if self._on:
+            jax.profiler.stop_trace()
+            self._on = False

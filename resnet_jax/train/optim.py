@@ -9,7 +9,7 @@ transform, which for SGD is exactly an L2 term ``wd/2 * |w|^2`` in the loss.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,7 +130,14 @@ def create_optimizer(
     The update is wrapped in ``optax.inject_hyperparams`` so the learning rate of the last
     update can be read back with :func:`current_learning_rate`.
     """
-    schedule = create_learning_rate_schedule(config, steps_per_epoch)
+    tx = _optimizer(config, create_learning_rate_schedule(config, steps_per_epoch))
+    if config.get("dtype") == "float16":  # float16 needs loss scaling; bfloat16 does not
+        return dynamic_loss_scale(tx)
+    return tx
+
+
+def _optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
+               ) -> optax.GradientTransformation:
     optimizer = config.get("optimizer", "sgd")
     if optimizer == "lars":
         # You, Gitman and Ginsburg 2017 (LARS): per-layer trust ratio ||w|| / ||g + wd w||;
@@ -158,6 +165,50 @@ def create_optimizer(
         ),
         sgd,
     )
+
+
+class LossScaleState(NamedTuple):
+    """:func:`dynamic_loss_scale`'s state: the wrapped optimiser's, the current scale and the
+    number of finite steps since it last changed."""
+
+    inner: optax.OptState
+    loss_scale: jax.Array
+    good_steps: jax.Array
+
+
+def dynamic_loss_scale(inner: optax.GradientTransformation, *, initial: float = 2.0**15,
+                       growth_interval: int = 2000, factor: float = 2.0
+                       ) -> optax.GradientTransformation:
+    """float16 training (Micikevicius et al. 2018): the step multiplies the loss by
+    :func:`current_loss_scale` and divides the gradients by it; this wrapper skips the update
+    (parameters and ``inner`` state unchanged) when a gradient is not finite and halves the
+    scale, and doubles it after ``growth_interval`` finite steps in a row."""
+
+    def init(params: Any) -> LossScaleState:
+        return LossScaleState(inner.init(params), jnp.float32(initial), jnp.int32(0))
+
+    def update(grads: Any, state: LossScaleState, params: Any = None) -> tuple[Any, Any]:
+        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+        safe = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
+        updates, new_inner = inner.update(safe, state.inner, params)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
+        good = jnp.where(finite, state.good_steps + 1, 0)
+        grow = good >= growth_interval
+        scale = jnp.where(finite, jnp.where(grow, state.loss_scale * factor, state.loss_scale),
+                          jnp.maximum(state.loss_scale / factor, 1.0))
+        return updates, LossScaleState(keep(new_inner, state.inner), scale.astype(jnp.float32),
+                                       jnp.where(grow, 0, good).astype(jnp.int32))
+
+    return optax.GradientTransformation(init, update)
+
+
+def current_loss_scale(opt_state: optax.OptState) -> jax.Array | None:
+    """The loss scale of a :func:`dynamic_loss_scale` optimiser state, else None."""
+    for node in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, LossScaleState)):
+        if isinstance(node, LossScaleState):
+            return node.loss_scale
+    return None
 
 
 def current_learning_rate(opt_state: optax.OptState) -> jax.Array:

@@ -90,7 +90,7 @@ def train_step(
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     bn_axis_name = axis_name if bn_sync else None
 
-    def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, Any]]:
+    def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array, Any]]:
         logits, batch_stats = _forward_train(
             state, params, images, rng, bn_axis_name=bn_axis_name, bn_groups=bn_groups
         )
@@ -98,9 +98,16 @@ def train_step(
         if label_smoothing:
             targets = optax.smooth_labels(targets, label_smoothing)
         loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
-        return loss, (logits, batch_stats)
+        scaled = loss if loss_scale is None else loss * loss_scale
+        return scaled, (loss, logits, batch_stats)
 
-    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # float16 (config.dtype): the loss is scaled so small gradients survive the backward pass;
+    # the optimiser (optim.dynamic_loss_scale) skips steps whose gradients overflowed.
+    loss_scale = optim.current_loss_scale(state.opt_state)
+    (_, (loss, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    if loss_scale is not None:
+        grads = jax.tree.map(lambda g: g / loss_scale, grads)
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
         if not bn_sync:

@@ -1,0 +1,129 @@
+"""A trained model's inference function as a portable artefact (``jax.export``, StableHLO).
+
+    python -m resnet_jax.export WORKDIR OUT [--step N] [--ema] [--input uint8|float32]
+
+writes ``OUT/model.stablehlo`` (the serialized ``jax.export.Exported``: weights inside, batch
+dimension symbolic, lowered for CPU, CUDA and TPU) and ``OUT/model.json`` (model, image size,
+input dtype and layout, the preprocessing inside and the one left to the caller). Reload it
+anywhere jax runs, without this package::
+
+    exported = jax.export.deserialize(open("OUT/model.stablehlo", "rb").read())
+    logits = exported.call(images)  # images: (batch, H, W, C) as model.json says
+
+``--input uint8`` (default): the function takes the uint8 RGB pixels the eval pipeline makes
+(CIFAR: the 32x32 image; ImageNet: shorter side resized to ``eval_resize``, centre crop) and
+subtracts the training mean inside, as the training step does. ``--input float32``: it takes
+``(pixels - mean) / 255`` (the mean is in model.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from resnet_jax import cli, data
+from resnet_jax.train import config as config_lib
+from resnet_jax.train.evaluate import load_run
+from resnet_jax.train.preprocess import preprocess
+
+INPUTS = ("uint8", "float32")
+PLATFORMS = ("cpu", "cuda", "tpu")
+
+
+def export_run(workdir: str, out: str, *, step: int | None = None, ema: bool = False,
+               input_dtype: str = "uint8", platforms: Sequence[str] = PLATFORMS,
+               data_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Exports the checkpoint of ``workdir`` (newest, or ``step``; ``ema``: the average) into
+    the folder ``out``; returns what ``model.json`` holds. ``data_overrides`` set
+    ``config.data`` fields (where the dataset is now) for the training mean."""
+    if input_dtype not in INPUTS:
+        raise ValueError(f"input={input_dtype!r} is not one of {INPUTS}; e.g. --input uint8")
+    run = load_run(workdir, step, ema=ema)
+    config = run.config
+    for key, value in (data_overrides or {}).items():
+        config.data[key] = value
+    info = data.info(config)
+    recipe = data.device_recipe(config)  # the training mean (§4.2 per pixel, §3.4 per channel)
+    h, w, c = info.image_shape
+    model, variables = run.model, run.variables
+
+    def infer(images: jax.Array) -> jax.Array:
+        if input_dtype == "uint8":
+            images = preprocess({"image": images}, mean=recipe.mean)["image"]
+        return model.apply(variables, images, train=False).astype(jnp.float32)
+
+    batch = jax.export.symbolic_shape("batch")[0]
+    spec = jax.ShapeDtypeStruct((batch, h, w, c), jnp.dtype(input_dtype))
+    exported = jax.export.export(jax.jit(infer), platforms=tuple(platforms))(spec)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "model.stablehlo"), "wb") as f:
+        f.write(exported.serialize())
+    cifar = config.data.get("pipeline", "auto") == "cifar" or (
+        config.data.get("pipeline", "auto") == "auto" and max(h, w) <= 64)
+    host = ("the stored image as it is (no resize or crop)" if cifar else
+            f"resize the shorter side to {config.data.eval_resize} (bilinear, antialiased), "
+            f"then take the centre {h}x{w} crop")
+    mean = np.asarray(recipe.mean, np.float32)
+    meta = {
+        "format": "jax.export.Exported, serialized (StableHLO); load with "
+                  "jax.export.deserialize(bytes) and call .call(images)",
+        "model": config.model,
+        "model_kwargs": config_lib.model_overrides(config),
+        "dataset": config.dataset,
+        "num_classes": info.num_classes,
+        "step": run.step,
+        "ema": ema,
+        "input": {"shape": ["batch", h, w, c], "dtype": input_dtype,
+                  "layout": "NHWC, RGB" if c == 3 else "NHWC"},
+        "output": {"shape": ["batch", info.num_classes], "dtype": "float32",
+                   "meaning": "logits (softmax for probabilities)"},
+        "preprocessing": {
+            "by_caller": host + (", pixels as uint8 0..255" if input_dtype == "uint8" else
+                                 ", then (pixels - mean) / 255 as float32"),
+            "inside": ("(pixels - mean) / 255" if input_dtype == "uint8" else "none"),
+            "mean_kind": "per_pixel" if mean.ndim == 3 else "per_channel",
+            "mean": mean.tolist(),
+        },
+        "platforms": list(exported.platforms),
+        "jax_version": jax.__version__,
+    }
+    with open(os.path.join(out, "model.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    return meta
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m resnet_jax.export",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("workdir", help="a training workdir (its checkpoints/)")
+    parser.add_argument("out", help="folder to write model.stablehlo and model.json into")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (newest)")
+    parser.add_argument("--ema", action="store_true", help="the EMA of the weights")
+    parser.add_argument("--input", default="uint8", choices=INPUTS)
+    parser.add_argument("--platforms", default=",".join(PLATFORMS),
+                        help="lowering platforms, comma-separated")
+    parser.add_argument("--archive", default=None,
+                        help="CIFAR archive, if it moved since training (for the mean)")
+    parser.add_argument("--data_dir", default=None, help="TFDS data_dir, if it moved")
+    args = parser.parse_args(argv)
+    overrides = {k: v for k, v in (("archive", args.archive), ("data_dir", args.data_dir)) if v}
+    with cli.exit_on_error():  # one line and a documented status for every expected failure
+        meta = export_run(args.workdir, args.out, step=args.step, ema=args.ema,
+                          input_dtype=args.input, platforms=args.platforms.split(","),
+                          data_overrides=overrides)
+        print(f"wrote {args.out}/model.stablehlo and model.json: {meta['model']} at step "
+              f"{meta['step']}, input {meta['input']['dtype']} {meta['input']['shape']}, "
+              f"platforms {', '.join(meta['platforms'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
