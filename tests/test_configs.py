@@ -56,7 +56,7 @@ def test_paper_recipes() -> None:
 @pytest.mark.parametrize(
     "field,value,message",
     [("parallel", "pjit", "parallel='pjit' is not one of"),
-     ("dtype", "float16", "dtype='float16' is not one of"),
+     ("dtype", "float64", "dtype='float64' is not one of"),
      ("schedule", "step", "schedule='step' is not one of"),
      ("weight_decay_mask", "bn", "weight_decay_mask='bn'"),
      ("batch_size", 0, "batch_size=0 must be > 0"),
