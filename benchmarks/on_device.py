@@ -18,6 +18,7 @@ synchronised once, repeated ``--repeats`` times (median and spread):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -29,8 +30,7 @@ import numpy as np
 
 from resnet_jax import data, models, parallel
 from resnet_jax.train import config as config_lib
-from resnet_jax.train import preprocess as preprocess_lib
-from resnet_jax.train.loop import make_preprocess
+from resnet_jax.train.loop import device_gather, make_preprocess
 from resnet_jax.train.state import create_train_state
 from resnet_jax.train.step import train_step
 
@@ -98,16 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
                               "host_bytes_per_image": 0.0}
 
     for name, cfg in (("host", host_cfg), ("on_device", dev_cfg)):
-        step = parallel.compile(
-            lambda s, b, r, *, axis_name=None: train_step(s, b, r, axis_name=axis_name,
-                                                           preprocess=pre), args.parallel)
+        step = parallel.compile(functools.partial(train_step, preprocess=pre), args.parallel)
         holder["state"] = step.replicate(state0)
-        gather = None
-        if name == "on_device":
-            gather_fn = parallel.compile(preprocess_lib.gather, args.parallel,
-                                         donate_state=False, per_example=True)
-            table = gather_fn.replicate(data.device_table(cfg))
-            gather = lambda b, g=gather_fn, t=table: g(t, b)
+        gather = device_gather(cfg)  # None for host batches
         stream = data.create(cfg, "train")
         sent = {"bytes": 0, "images": 0}
 

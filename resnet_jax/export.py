@@ -51,7 +51,7 @@ def export_run(workdir: str, out: str, *, step: int | None = None, ema: bool = F
     for key, value in (data_overrides or {}).items():
         config.data[key] = value
     info = data.info(config)
-    recipe = data.device_recipe(config)  # the training mean (§4.2 per pixel, §3.4 per channel)
+    recipe = data.recipe(config)  # the training mean (§4.2 per pixel, §3.4 per channel)
     h, w, c = info.image_shape
     model, variables = run.model, run.variables
 
@@ -66,10 +66,8 @@ def export_run(workdir: str, out: str, *, step: int | None = None, ema: bool = F
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "model.stablehlo"), "wb") as f:
         f.write(exported.serialize())
-    cifar = config.data.get("pipeline", "auto") == "cifar" or (
-        config.data.get("pipeline", "auto") == "auto" and max(h, w) <= 64)
-    host = ("the stored image as it is (no resize or crop)" if cifar else
-            f"resize the shorter side to {config.data.eval_resize} (bilinear, antialiased), "
+    host = ("the stored image as it is (no resize or crop)" if recipe.kind == "cifar" else
+            f"resize the shorter side to {recipe.eval_resize} (bilinear, antialiased), "
             f"then take the centre {h}x{w} crop")
     mean = np.asarray(recipe.mean, np.float32)
     meta = {

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import ml_collections
 
 from resnet_jax import data
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def config_module(name: str) -> Any:
+    """``configs/<name>.py`` as a module (``.get_config(arch)``; configs/ is no package)."""
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", CONFIGS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
 
 
 def data_config(

@@ -54,3 +54,13 @@ def test_input_pipeline_imagenet_recipe_prints_json():
     # uint8 224x224x3 crop + the draws: label int32, flip bool, 3 float32 PCA coefficients.
     assert run["bytes_per_image"] == 224 * 224 * 3 + 4 + 1 + 3 * 4
     assert "vs_tfdata" not in run
+
+
+def test_cifar_on_device_benchmark_prints_json():
+    r = run_json("on_device.py", "--num-train", "64", "--batch", "16", "--steps", "1",
+                 "--repeats", "1")
+    assert [run["feed"] for run in r["runs"]] == ["float_batch", "host", "on_device"]
+    sent = {run["feed"]: run["host_bytes_per_image"] for run in r["runs"]}
+    # label int32 + crop 2 x int32 + flip bool, and the uint8 image or (on_device) an int32 index
+    assert sent == {"float_batch": 0.0, "host": 32 * 32 * 3 + 13, "on_device": 4 + 13}
+    assert all(run["images_per_second"] > 0 for run in r["runs"])

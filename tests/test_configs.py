@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -10,19 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import config_module
 
 from resnet_jax import models
 from resnet_jax.train import config as config_lib
 from resnet_jax.train.loop import train_and_evaluate
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize(
@@ -33,7 +26,7 @@ def _module(name: str):
      ("digits", [None])],
 )
 def test_configs_validate_and_document(name: str, archs: list) -> None:
-    module = _module(name)
+    module = config_module(name)
     doc = module.__doc__
     assert "python train.py --config configs/" in doc and ("Cost" in doc or "Expect" in doc)
     for arch in archs:
@@ -44,11 +37,11 @@ def test_configs_validate_and_document(name: str, archs: list) -> None:
 
 
 def test_paper_recipes() -> None:
-    c = _module("cifar10").get_config("resnet56")
+    c = config_module("cifar10").get_config("resnet56")
     assert (c.batch_size, c.num_train_steps, tuple(c.lr_boundaries)) == (128, 64_000,
                                                                         (32_000, 48_000))
     assert (c.learning_rate, c.momentum, c.weight_decay) == (0.1, 0.9, 1e-4)
-    i = _module("imagenet").get_config("resnet50")
+    i = config_module("imagenet").get_config("resnet50")
     assert (i.batch_size, i.num_epochs, tuple(i.lr_boundaries), i.lr_boundaries_unit) == (
         256, 90.0, (30, 60), "epochs")
 
@@ -66,7 +59,7 @@ def test_paper_recipes() -> None:
      ("lr_boundaries", (48_000, 32_000), "must be increasing")],
 )
 def test_invalid_values_raise_one_line(field: str, value, message: str) -> None:
-    c = _module("digits").get_config()
+    c = config_module("digits").get_config()
     c[field] = value
     with pytest.raises(ValueError) as e:
         train_and_evaluate(c, "/nonexistent/never/written")
@@ -74,14 +67,14 @@ def test_invalid_values_raise_one_line(field: str, value, message: str) -> None:
 
 
 def test_unknown_model_and_dataset(tmp_path: Path) -> None:
-    c = _module("digits").get_config()
+    c = config_module("digits").get_config()
     c.model = "resnet21"
     with pytest.raises(ValueError, match=r"unknown model 'resnet21'.*resnet20"):
         train_and_evaluate(c, str(tmp_path))
     c.dataset = "no_such_dataset_xyz"  # the model is reported first, before any data is read
     with pytest.raises(ValueError, match=r"unknown model 'resnet21'"):
         train_and_evaluate(c, str(tmp_path))
-    c = _module("digits").get_config()
+    c = config_module("digits").get_config()
     c.dataset = "no_such_dataset_xyz"
     with pytest.raises(Exception, match="no_such_dataset_xyz") as e:
         train_and_evaluate(c, str(tmp_path))

@@ -197,8 +197,8 @@ def test_tfds_imagenet_recipe_reads_the_stored_jpeg_bytes(tfds_imagenet):
     np.testing.assert_array_equal(full_decode(images[0]), train.read(np.array([0]))[0][0])
     assert enc_test.read(np.array([2]))[0][0] in files["validation"]
     cfg = data_config("imagenet2012", data_dir=out)
-    _, _, kind, _, src, ev = data._open(cfg)
-    assert kind == "imagenet"
+    _, r, src, ev = data._open(cfg)
+    assert r.kind == "imagenet"
     assert isinstance(src.read(np.array([0]))[0][0], bytes)
     assert isinstance(ev.read(np.array([0]))[0][0], bytes)
 
@@ -216,7 +216,7 @@ def test_tfds_imagenet_batches_from_bytes(tfds_imagenet):
     assert e["image"].shape == (4, 224, 224, 3) and e["mask"].tolist() == [1, 1, 1, 0]
     # The same batch as from TFDS's decoded arrays: no draft applies at these scales.
     train, _ = sources.tfds_splits("imagenet2012", out, None, False, None)
-    _, _, _, r, enc, _ = data._open(cfg)
+    _, r, enc, _ = data._open(cfg)
     decoded = train.split(2)[0]
     for step in (0, 1):
         x = pipeline.Plan(enc, r, 4, 0, 1, seed=2).train_batch(step)

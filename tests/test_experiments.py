@@ -8,7 +8,6 @@ against ``summary.summarize``; the depth tables against the runs' ``metrics.json
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+from helpers import config_module
 
 import resnet_jax
 from resnet_jax import data, models, summary
@@ -33,13 +33,6 @@ ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "resnet_jax.experiments", *args], cwd=cwd,
                           env=ENV, capture_output=True, text=True, timeout=600)
-
-
-def _config(name: str):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _rows(path: Path) -> list[dict[str, str]]:
@@ -172,7 +165,7 @@ def test_depth_then_responses_commands(tmp_path: Path) -> None:
     assert "lane 0: cifar_plain on CPU cores" in run.stdout
     assert "lane 1: cifar_resnet on CPU cores" in run.stdout
     assert "cifar_resnet: training in" in (work / "lane1.log").read_text()
-    full = _config("digits").get_config().num_train_steps
+    full = config_module("digits").get_config().num_train_steps
     assert f"schedule scaled from {full} to 2 steps" in run.stdout
     md = (work / "depth.md").read_text()
     assert f"Schedule scaled from {full} to 2 steps" in md and "cifar_resnet" in md
@@ -271,14 +264,14 @@ def test_a_failing_lane_is_one_line_with_its_status(tmp_path: Path) -> None:
 
 
 def test_responses_use_single_views() -> None:
-    c = _config("imagenet_studies").get_config("resnet34_C")
+    c = config_module("imagenet_studies").get_config("resnet34_C")
     assert c.data.eval_protocol == "ten_crop"
     single, note = responses.single_view(c)
     assert single.data.eval_protocol == "center" and "'ten_crop' -> 'center'" in note
     assert c.data.eval_protocol == "ten_crop"  # the run's own config is left as it was
     assert single.to_dict() == {**c.to_dict(), "data": {**c.data.to_dict(),
                                                           "eval_protocol": "center"}}
-    same = _config("cifar10").get_config("resnet20")
+    same = config_module("cifar10").get_config("resnet20")
     assert responses.single_view(same) == (same, "")
 
 
@@ -304,17 +297,17 @@ def test_lanes_balance_depth_and_keep_every_other_flag() -> None:
 
 
 def test_scale_schedule_is_proportional() -> None:
-    c = _config("cifar10").get_config("resnet110")
+    c = config_module("cifar10").get_config("resnet110")
     note = depth.scale_schedule(c, 2_000)
     assert (c.num_train_steps, tuple(c.lr_boundaries)) == (2_000, (1_000, 1_500))  # 0.5N, 0.75N
     assert c.warmup_steps == 400 and "warm-up kept at 400" in note
     assert "(32000, 48000) -> (1000, 1500)" in note
     with pytest.raises(ValueError, match="counts epochs"):
-        depth.scale_schedule(_config("imagenet").get_config("resnet50"), 100)
+        depth.scale_schedule(config_module("imagenet").get_config("resnet50"), 100)
 
 
 def test_study_config_change_is_refused(tmp_path: Path) -> None:
-    c = _config("digits").get_config()
+    c = config_module("digits").get_config()
     depth.check_study_config(c, str(tmp_path))
     c.num_train_steps = 5  # resume-safe: a longer or shorter run of the same recipe
     depth.check_study_config(c, str(tmp_path))
@@ -324,7 +317,7 @@ def test_study_config_change_is_refused(tmp_path: Path) -> None:
 
 
 def test_study_configs() -> None:
-    studies = _config("imagenet_studies")
+    studies = config_module("imagenet_studies")
     assert set(studies.STUDIES) == set(studies.PAPER_ERROR)
     for name, (arch, shortcut) in studies.STUDIES.items():
         c = studies.get_config(name)
@@ -333,7 +326,7 @@ def test_study_configs() -> None:
                                                                            "ten_crop")
         assert str(studies.PAPER_ERROR[name][0]) in studies.__doc__
     assert studies.get_config("resnet34_C").batch_size == 256
-    cpu = _config("cifar10_cpu_depth")
+    cpu = config_module("cifar10_cpu_depth")
     c = cpu.get_config("resnet56")
     config_lib.validate(c)
     assert (c.batch_size, c.num_train_steps, tuple(c.lr_boundaries), c.learning_rate) == (

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import config_module
 
 from resnet_jax import models
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import optim
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _configs(name: str):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", ROOT / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 PAPER = {
     "cifar10": ["resnet20", "resnet32", "resnet44", "resnet56", "resnet110", "resnet1202",
@@ -34,16 +22,16 @@ PAPER = {
 }
 
 
-def _paper_configs():
+def _paperconfig_module():
     for name, archs in PAPER.items():
-        module = _configs(name)
+        module = config_module(name)
         for arch in archs if archs is not None else list(module.STUDIES):
             yield f"{name}:{arch}", module.get_config(arch)
 
 
-def test_no_option_beyond_the_paper_is_on_in_the_paper_configs():
+def test_no_option_beyond_the_paper_is_on_in_the_paperconfig_module():
     seen = 0
-    for where, c in _paper_configs():
+    for where, c in _paperconfig_module():
         config_lib.validate(c)
         assert c.optimizer == "sgd" and c.momentum == 0.9 and not c.nesterov, where
         assert c.label_smoothing == 0.0 and c.warmup_epochs == 0.0, where
@@ -52,11 +40,11 @@ def test_no_option_beyond_the_paper_is_on_in_the_paper_configs():
         assert not c.model_kwargs.zero_init_last_bn, where
         assert not c.scale_lr_by_batch and c.weight_decay == 1e-4, where
         seen += 1
-    assert seen == 9 + 7 + len(_configs("imagenet_studies").STUDIES)
+    assert seen == 9 + 7 + len(config_module("imagenet_studies").STUDIES)
 
 
 def test_large_batch_config_is_goyal_et_al():
-    c = _configs("imagenet").get_config("resnet50_large_batch")
+    c = config_module("imagenet").get_config("resnet50_large_batch")
     config_lib.validate(c)
     assert c.model == "resnet50" and c.batch_size == 8192 and c.model_kwargs.zero_init_last_bn
     steps_per_epoch = 1_281_167 / 8192

@@ -77,7 +77,7 @@ def old_train_batch(plan: pipeline.Plan, step: int) -> np.ndarray:
 
 
 def plan_of(cfg, process_index=0, process_count=1, seed=0) -> pipeline.Plan:
-    _, _, _, recipe, train, _ = data._open(cfg)
+    _, recipe, train, _ = data._open(cfg)
     return pipeline.Plan(train, recipe, cfg.batch_size // process_count, process_index,
                          process_count, seed)
 

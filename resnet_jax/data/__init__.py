@@ -30,13 +30,13 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-from resnet_jax.data import augment, pipeline, sources
+from resnet_jax.data import augment, loader, pipeline, sources
 from resnet_jax.data.augment import average_views
 from resnet_jax.data.pipeline import Batches
 from resnet_jax.data.sources import DataError
 
 __all__ = ["Batches", "DataError", "DatasetInfo", "DeviceRecipe", "average_views", "create",
-           "default_config", "device_recipe", "device_table", "info"]
+           "default_config", "device_recipe", "device_table", "info", "recipe"]
 
 EVAL_PROTOCOLS = ("center", "ten_crop", "multi_scale")
 
@@ -221,8 +221,9 @@ class DeviceRecipe(NamedTuple):
     pad: int  # §4.2: zero padding per side that the "crop" offsets refer to
 
 
-def _open(config: Any) -> tuple[ml_collections.ConfigDict, _Key, str, pipeline.Recipe,
-                                 sources.Source, sources.Source]:
+def _open(config: Any) -> tuple[ml_collections.ConfigDict, pipeline.Recipe, sources.Source,
+                                 sources.Source]:
+    """(data fields, recipe, train split, eval split) of ``config``, validated."""
     d = _data_config(config)
     key = _key(config, d)
     kind = _kind(d, _splits(key)[0])
@@ -232,20 +233,26 @@ def _open(config: Any) -> tuple[ml_collections.ConfigDict, _Key, str, pipeline.R
         raise ValueError(f"data.on_device=True needs the cifar recipe's in-memory images; "
                          f"{key.dataset} streams through the {kind} recipe: set "
                          "--config.data.on_device=False")
-    return d, key, kind, recipe, train, test
+    return d, recipe, train, test
+
+
+def recipe(config: Any) -> pipeline.Recipe:
+    """The recipe ``config``'s batches are made with: its kind ("cifar", §4.2, or "imagenet",
+    §3.4), sizes, the training mean and the augmentation settings."""
+    return _open(config)[1]
 
 
 def device_recipe(config: Any) -> DeviceRecipe:
     """The mean (and §4.2 padding) the jitted step's ``preprocess`` applies to this config's
     batches."""
-    _, _, _, recipe, _, _ = _open(config)
-    return DeviceRecipe(np.asarray(recipe.mean, np.float32), recipe.pad)
+    r = recipe(config)
+    return DeviceRecipe(np.asarray(r.mean, np.float32), r.pad)
 
 
 def device_table(config: Any) -> np.ndarray:
     """The uint8 training images (N, H, W, C) that ``data.on_device`` keeps on the accelerator;
     training batches then index into it (``index``)."""
-    d, _, _, _, train, _ = _open(config)
+    d, _, train, _ = _open(config)
     if not d.on_device:
         raise ValueError("device_table is for data.on_device=True; set "
                          "--config.data.on_device=True")
@@ -285,13 +292,11 @@ def create(config: Any, split: str, *, process_index: int = 0, process_count: in
                          f"{process_count}; set --config.{field} to a multiple of it")
     if split == "train" and start_step < 0:
         raise ValueError(f"start_step={start_step} must be >= 0")
-    d, _, _, recipe, train, test = _open(config)
-    plan = pipeline.Plan(train if split == "train" else test, recipe,
+    d, r, train, test = _open(config)
+    plan = pipeline.Plan(train if split == "train" else test, r,
                          global_batch // process_count, process_index, process_count, seed,
                          on_device=bool(d.on_device) and split == "train")
-    from resnet_jax.data.loader import resolve_workers
-
-    workers = resolve_workers(d.workers, recipe.kind)
+    workers = loader.resolve_workers(d.workers, r.kind)
     if split == "train":
         return pipeline.train_stream(plan, start_step, prefetch=d.prefetch, workers=workers)
     return pipeline.eval_stream(plan, prefetch=d.prefetch, workers=workers)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -31,8 +32,8 @@ from resnet_jax.train.preprocess import make_preprocess
 from resnet_jax.train.state import create_train_state
 from resnet_jax.train.step import train_step
 
-__all__ = ["build_model", "compile_eval", "evaluate", "make_preprocess", "num_train_steps",
-           "train_and_evaluate"]
+__all__ = ["build_model", "compile_eval", "device_gather", "evaluate", "make_preprocess",
+           "num_train_steps", "train_and_evaluate"]
 
 
 def _log(message: str) -> None:
@@ -45,6 +46,17 @@ def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) 
     if config.num_epochs > 0:
         return max(1, round(config.num_epochs * num_train_examples / config.batch_size))
     return int(config.num_train_steps)
+
+
+def device_gather(config: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
+    """``data.on_device``: places the uint8 training images on every device once and returns
+    ``batch -> batch`` that turns a host batch of indices into one of images there (sharded
+    like any batch, ready for the step); None when the option is off."""
+    if not config.data.on_device:
+        return None
+    gather_fn = parallel.compile(preprocess_lib.gather, config.parallel, donate_state=False,
+                                 per_example=True)
+    return functools.partial(gather_fn, gather_fn.replicate(data.device_table(config)))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -94,12 +106,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # behind the previous step, and placing its result (jit) would make the host wait for it.
     host_rng = jax.device_put(base_rng, jax.local_devices(backend="cpu")[0])
     state = train_fn.replicate(state)
-    gather = None
-    if config.data.on_device:  # the uint8 training images, once per device; batches index them
-        gather_fn = parallel.compile(preprocess_lib.gather, config.parallel, donate_state=False,
-                                     per_example=True)
-        table = gather_fn.replicate(data.device_table(config))
-        gather = functools.partial(gather_fn, table)
+    gather = device_gather(config)
 
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, append=start_step > 0,
                                       purge_step=start_step + 1 if start_step > 0 else None)
