@@ -139,8 +139,8 @@ def test_close_context_manager_and_gc_stop_the_workers() -> None:
     procs = workers_of(stream)
     del stream  # __del__ does not block: the pump stops and joins the workers by itself
     gc.collect()
-    deadline = time.time() + 30
-    while not gone(procs) and time.time() < deadline:
+    deadline = time.time() + 30  # the pump joins them in the background: wait for the reaping
+    while not (gone(procs) and multiprocessing.active_children() == []) and time.time() < deadline:
         time.sleep(0.1)
     assert gone(procs) and multiprocessing.active_children() == []
 
