@@ -29,6 +29,10 @@ class CheckpointNotFound(FileNotFoundError):
     """The workdir has no checkpoint (or not the step asked for)."""
 
 
+class ExtensionUnavailable(ValueError):
+    """An optional compiled extension (the ``[onednn]`` extra) cannot be built or loaded here."""
+
+
 class TrainingDiverged(RuntimeError):
     """A non-finite loss or state; ``step`` is the first bad step found."""
 

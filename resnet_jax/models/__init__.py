@@ -29,6 +29,7 @@ from resnet_jax.models.blocks import (
     Shortcut,
     subsample_and_pad,
 )
+from resnet_jax.models.conv import CONV_IMPLS
 from resnet_jax.models.nnx import NNXNetwork, to_nnx
 from resnet_jax.models.resnet import (
     IMAGENET_STAGES,
@@ -42,6 +43,7 @@ from resnet_jax.models.resnet import (
 from resnet_jax.models.vgg import VGG, vgg19
 
 __all__ = [
+    "CONV_IMPLS",
     "SHORTCUTS",
     "VGG",
     "BasicBlock",

@@ -21,6 +21,25 @@ from jax import lax
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
+# Convolution implementations a model may select (``conv_impl``, the config's ``conv``).
+CONV_IMPLS = ("xla", "onednn")
+
+
+def conv_function(impl: str) -> Any | None:
+    """The ``conv_general_dilated`` for ``nn.Conv`` of ``impl``; None keeps Flax's (XLA's).
+
+    "onednn" loads (building once) the optional extension and raises
+    :class:`~resnet_jax.errors.ExtensionUnavailable`, naming the extra, where it cannot.
+    """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl={impl!r} is not one of {CONV_IMPLS}.")
+    if impl == "xla":
+        return None
+    from resnet_jax.ops import onednn  # the optional extra: imported only when selected
+
+    onednn.load()
+    return onednn.conv_general_dilated
+
 
 def _canonical_conv(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], ...]) -> jax.Array:
     return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_DN)

@@ -43,6 +43,7 @@ from resnet_jax.models.blocks import (
     check_shortcut,
     pad_for,
 )
+from resnet_jax.models.conv import conv_function
 from resnet_jax.models.conv import conv_general_dilated as canonical_grad_conv
 
 Array = Any
@@ -146,6 +147,9 @@ class ResNet(nn.Module):
     scan_blocks: bool = False
     return_features: bool = False
     head: ModuleDef | None = None
+    # "xla" (jax's convolution) | "onednn" (resnet_jax.ops.onednn, the [onednn] extra: oneDNN
+    # kernels on CPU, XLA's convolution on GPU/TPU). Changes the speed, not the function.
+    conv_impl: str = "xla"
 
     def validate(self) -> None:
         """Raise a one-line ValueError for any invalid field combination."""
@@ -164,6 +168,7 @@ class ResNet(nn.Module):
                 f"width={self.width} and num_classes={self.num_classes} must be positive."
             )
         self._block_extras()
+        conv_function(self.conv_impl)
 
     def _block_extras(self) -> dict[str, Any]:
         """Fields beyond the block contract, passed only where the block class declares them."""
@@ -187,12 +192,14 @@ class ResNet(nn.Module):
         self, x: Array, train: bool = False, bn_axis_name: str | None = None
     ) -> Array | tuple[Array, dict[str, Array]]:
         self.validate()
+        conv_fn = conv_function(self.conv_impl)
         conv = functools.partial(
             nn.Conv,
             use_bias=False,  # BN follows every conv (§3.4), so a bias is redundant
             kernel_init=self.kernel_init,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
+            **({} if conv_fn is None else {"conv_general_dilated": conv_fn}),
         )
         norm = functools.partial(
             nn.BatchNorm,
@@ -212,7 +219,7 @@ class ResNet(nn.Module):
             **self._block_extras(),
         )
         scan_block = None
-        if self.scan_blocks and jax.default_backend() == "cpu":
+        if self.scan_blocks and jax.default_backend() == "cpu" and conv_fn is None:
             # XLA:CPU runs conv gradients inside loops ~60x slower unless kept canonical.
             scan_conv = functools.partial(conv, conv_general_dilated=canonical_grad_conv)
             scan_block = functools.partial(block, conv=scan_conv)

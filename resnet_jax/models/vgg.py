@@ -20,6 +20,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from resnet_jax.models.conv import conv_function
+
 Array = Any
 
 # Configuration E: convolutions per block; block b has 64 * 2**(b-1) filters (512 at most).
@@ -42,12 +44,15 @@ class VGG(nn.Module):
     kernel_init: Callable[..., Array] = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
     default_image_size: int = 224  # for ``summary.summarize`` (and its 19.6 G check)
     return_features: bool = False
+    conv_impl: str = "xla"  # "xla" | "onednn", as ResNet's
 
     @nn.compact
     def __call__(
         self, x: Array, train: bool = False, bn_axis_name: str | None = None
     ) -> Array | tuple[Array, dict[str, Array]]:
         dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
+        conv_fn = conv_function(self.conv_impl)
+        conv_args = {} if conv_fn is None else {"conv_general_dilated": conv_fn}
         x = jnp.asarray(x, dtype)
         features: dict[str, Array] = {}
         for b, n in enumerate(self.blocks):
@@ -57,7 +62,7 @@ class VGG(nn.Module):
                 x = nn.Conv(
                     feats, (3, 3), padding=((1, 1), (1, 1)), use_bias=True,
                     kernel_init=self.kernel_init, dtype=dtype, param_dtype=param_dtype,
-                    name=f"{block}_conv{i + 1}",
+                    name=f"{block}_conv{i + 1}", **conv_args,
                 )(x)
                 if self.use_bn:
                     x = nn.BatchNorm(

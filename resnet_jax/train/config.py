@@ -23,7 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 RESUME_SAFE_FIELDS = (
     "num_train_steps", "num_epochs", "eval_every_steps", "log_every_steps",
     "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "parallel", "cpu_devices",
-    "distributed", "profile_steps",
+    "distributed", "profile_steps", "conv",
     "data.archive", "data.data_dir", "data.manual_dir", "data.download", "data.tfds_eval_split",
     "data.eval_protocol", "data.eval_resize", "data.multi_scale_sizes", "data.prefetch",
     "data.workers", "data.on_device",
@@ -63,9 +63,17 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
     return {k: v for k, v in config.model_kwargs.to_dict().items() if v is not None}
 
 
+def conv_override(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """``{"conv_impl": config.conv}`` unless it is the default "xla" (older configs lack it)."""
+    conv = config.get("conv", "xla")
+    return {} if conv == "xla" else {"conv_impl": conv}
+
+
 def build_model(config: ml_collections.ConfigDict, num_classes: int) -> nn.Module:
-    """``models.create(config.model, num_classes=..., dtype=..., **set model_kwargs)``."""
-    kwargs = {"num_classes": num_classes, "dtype": config.dtype}
+    """``models.create(config.model, num_classes=..., dtype=..., **set model_kwargs)``, plus
+    ``conv_impl=config.conv`` when that is not "xla" (so factories without the field still build).
+    """
+    kwargs = {"num_classes": num_classes, "dtype": config.dtype, **conv_override(config)}
     kwargs.update(model_overrides(config))
     return models.create(config.model, **kwargs)
 
@@ -157,6 +165,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.cpu_devices = 0  # N > 0: split the host CPU into N devices (one per core is fastest)
     c.dtype = "float32"  # compute dtype; params, BN statistics, loss and optimiser stay float32;
     #   "float16" adds dynamic loss scaling (GPUs without fast bfloat16)
+    c.conv = "xla"  # "xla" | "onednn": oneDNN convolutions on CPU (the [onednn] extra; GPU/TPU
+    #   keep XLA's). How the step runs, not what it computes: may change on resume.
 
     # §3.4 / §4.2: SGD, momentum 0.9, weight decay 1e-4, lr 0.1 /10 at 32k and 48k.
     c.learning_rate = 0.1
@@ -223,7 +233,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail before any data is read; the dataset name by ``data.info``, batch divisibility by
     ``parallel.check_batch_size`` once the devices are known.
     """
-    models.create(config.model, **model_overrides(config))
+    _one_of(config, "conv", models.CONV_IMPLS)
+    models.create(config.model, **conv_override(config), **model_overrides(config))
 
     _one_of(config, "parallel", parallel.MODES)
     _one_of(config, "dtype", DTYPES)

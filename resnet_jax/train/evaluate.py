@@ -129,9 +129,13 @@ def _restore_variables(workdir: str, step: int | None, model_for: Any, *, ema: s
 
 
 def _model_from_meta(meta: dict[str, Any], where: str) -> nn.Module:
+    """The checkpoint's network with XLA's convolution, whichever ``conv`` trained it (the same
+    function; it loads without the [onednn] extra and exports portably)."""
     del where
-    return config_lib.build_model(ml_collections.ConfigDict(meta["config"]),
-                                  int(meta["model"]["num_classes"]))
+    config = ml_collections.ConfigDict(meta["config"])
+    if "conv" in config:
+        config.conv = "xla"
+    return config_lib.build_model(config, int(meta["model"]["num_classes"]))
 
 
 class Run(NamedTuple):
@@ -163,8 +167,9 @@ def load(workdir: str, step: int | None = None, *, ema: bool = False
     """``(model, {"params", "batch_stats"})`` of the newest readable checkpoint (or ``step``).
 
     The model is rebuilt from the config saved in the checkpoint; ``model.apply(variables, x,
-    train=False)`` gives logits. ``ema``: the moving average of a run with ``ema_decay > 0``.
-    A damaged newest checkpoint is skipped with a warning.
+    train=False)`` gives logits (XLA's convolution: ``model.clone(conv_impl="onednn")`` for
+    oneDNN's). ``ema``: the moving average of a run with ``ema_decay > 0``. A damaged newest
+    checkpoint is skipped with a warning.
     """
     run = load_run(workdir, step, ema=ema)
     return run.model, run.variables

@@ -1,0 +1,269 @@
+"""oneDNN convolutions for XLA:CPU through the XLA FFI (``conv_impl="onednn"``, ``--config.conv``).
+
+jaxlib runs CPU convolutions through its own kernels, at 0.3-0.8x of oneDNN (PyTorch's CPU
+library) per op (benchmarks/RESULTS.md). This module compiles ``onednn.cc`` (three FFI handlers:
+forward, input gradient, weight gradient) against the oneDNN of the ``[onednn]`` extra and the
+FFI headers of the running jaxlib, registers them for the CPU platform, and exposes
+:func:`conv_general_dilated`, a drop-in for ``lax.conv_general_dilated`` that
+``flax.linen.Conv(conv_general_dilated=...)`` takes::
+
+    pip install -e ".[onednn]" && python -m resnet_jax.ops.onednn build
+
+The library is built once per (source, jaxlib, oneDNN, compiler) into a cache directory
+(``$RESNET_JAX_CACHE`` or ``~/.cache/resnet_jax``), a few seconds with g++; ``build`` does it
+ahead of time, and the first use does it otherwise. On GPU/TPU the same function lowers to
+XLA's convolution (``lax.platform_dependent``), so a config that says "onednn" still runs there.
+
+Threads: oneDNN here is built on GNU OpenMP. Each call sets its OpenMP team to the host's cores
+divided by the local CPU devices (``cpu_devices``), so one device per core runs single-threaded
+oneDNN calls side by side instead of oversubscribing; ``OMP_WAIT_POLICY`` defaults to PASSIVE so
+idle OpenMP threads sleep rather than spin against XLA's own threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import functools
+import hashlib
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from resnet_jax.errors import ExtensionUnavailable
+
+SOURCE = Path(__file__).with_name("onednn.cc")
+EXTRA = 'pip install -e ".[onednn]"'  # the README's command for the optional extra
+_DN = ("NHWC", "HWIO", "NHWC")
+_TARGETS = ("conv_fwd", "conv_bwd_data", "conv_bwd_weights")
+DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+OneDNNUnavailable = ExtensionUnavailable  # the extension cannot be built or loaded here
+
+
+def _dist_file(dist: str, suffix: str) -> Path:
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise OneDNNUnavailable(
+            f"conv='onednn' needs the oneDNN extra ({dist} is not installed): run {EXTRA}"
+        ) from None
+    for f in files:
+        if str(f).endswith(suffix):
+            return Path(f.locate()).resolve()
+    raise OneDNNUnavailable(f"{dist} is installed but has no {suffix}; reinstall it: {EXTRA}")
+
+
+def _toolchain() -> tuple[Path, Path, Path, str]:
+    """(oneDNN include dir, oneDNN lib dir, jaxlib FFI include dir, C++ compiler)."""
+    header = _dist_file("onednn-devel-cpu-gomp", "oneapi/dnnl/dnnl.hpp")
+    lib = _dist_file("onednn-cpu-gomp", "libdnnl.so.3")
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        raise OneDNNUnavailable(
+            f"no C++ compiler {cxx!r} to build the oneDNN extension; install g++ "
+            "(Debian/Ubuntu: apt install g++) or point CXX at one"
+        )
+    return header.parents[2], lib.parent, Path(jax.ffi.include_dir()), cxx
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("RESNET_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "resnet_jax")
+    return Path(root) / "onednn"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile ``onednn.cc`` (once per source/jaxlib/oneDNN/compiler) and return the library."""
+    include, libdir, ffi_include, cxx = _toolchain()
+    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+           "-isystem", str(ffi_include), "-isystem", str(include), str(SOURCE),
+           "-L", str(libdir), "-l:libdnnl.so.3", f"-Wl,-rpath,{libdir}"]
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([
+        SOURCE.read_text(), jax.__version__, importlib.metadata.version("jaxlib"),
+        importlib.metadata.version("onednn-cpu-gomp"), str(libdir), version, *cmd,
+    ]).encode()).hexdigest()[:16]
+    out_dir = cache_dir()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"resnet_jax_onednn-{key}.so"
+    if target.exists():
+        return target
+    with open(out_dir / f"{key}.lock", "w") as lock:  # one build among concurrent processes
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if target.exists():
+            return target
+        tmp = out_dir / f".{target.name}.{os.getpid()}.tmp"
+        cmd = [*cmd, "-o", str(tmp)]
+        if verbose:
+            print(" ".join(cmd), file=sys.stderr)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            log = out_dir / f"build-{key}.log"
+            log.write_text(done.stdout + done.stderr)
+            tmp.unlink(missing_ok=True)
+            raise OneDNNUnavailable(
+                f"building the oneDNN extension failed ({cxx} exit {done.returncode}); "
+                f"compiler output in {log}"
+            )
+        os.replace(tmp, target)
+    return target
+
+
+@functools.cache
+def load() -> ctypes.CDLL:
+    """Build if needed, load, and register the FFI targets for the CPU platform (once)."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before libgomp starts
+    path = build()
+    lib = ctypes.CDLL(str(path))
+    for name in _TARGETS:
+        symbol = f"resnet_jax_onednn_{name}"
+        jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)),
+                                    platform="cpu")
+    lib.resnet_jax_onednn_describe.restype = ctypes.c_char_p
+    return lib
+
+
+def available() -> bool:
+    """Whether the extension builds and loads here (False only for :class:`OneDNNUnavailable`)."""
+    try:
+        load()
+    except OneDNNUnavailable:
+        return False
+    return True
+
+
+def describe() -> str:
+    """'oneDNN 3.2.0 (OpenMP), avx512_core_bf16': the library version and the ISA it runs."""
+    return load().resnet_jax_onednn_describe().decode()
+
+
+def threads_per_call() -> int:
+    """The host's cores divided among its CPU devices (one device per core: 1 thread each)."""
+    cores = len(os.sched_getaffinity(0))
+    return max(1, cores // max(1, len(jax.local_devices(backend="cpu"))))
+
+
+def _call(name: str, a: jax.Array, b: jax.Array, out_shape: tuple[int, ...],
+          strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> jax.Array:
+    load()
+    (pt, pb), (pl, pr) = padding
+    attrs = dict(stride_h=strides[0], stride_w=strides[1], pad_top=pt, pad_bottom=pb,
+                 pad_left=pl, pad_right=pr, threads=threads_per_call())
+    return jax.ffi.ffi_call(
+        f"resnet_jax_onednn_{name}", jax.ShapeDtypeStruct(out_shape, a.dtype),
+        vmap_method="sequential",
+    )(a, b, **{k: np.int64(v) for k, v in attrs.items()})
+
+
+def _xla(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
+    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
+          padding: tuple[tuple[int, int], ...]) -> jax.Array:
+    out_shape = jax.eval_shape(functools.partial(_xla, strides=strides, padding=padding), x, w)
+    return lax.platform_dependent(
+        x, w,
+        cpu=lambda x, w: _call("conv_fwd", x, w, out_shape.shape, strides, padding),
+        default=lambda x, w: _xla(x, w, strides, padding),
+    )
+
+
+def _conv_fwd(x, w, strides, padding):
+    return _conv(x, w, strides, padding), (x, w)
+
+
+def _conv_bwd(strides, padding, res, g):
+    x, w = res
+
+    def xla_grads(x, w, g):
+        return jax.vjp(lambda x, w: _xla(x, w, strides, padding), x, w)[1](g)
+
+    def onednn_grads(x, w, g):
+        dx = _call("conv_bwd_data", g, w, x.shape, strides, padding)
+        dw = _call("conv_bwd_weights", x, g, w.shape, strides, padding)
+        return dx, dw
+
+    return lax.platform_dependent(x, w, g, cpu=onednn_grads, default=xla_grads)
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    batch_group_count: int = 1,
+    precision: Any = None,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """Drop-in for ``lax.conv_general_dilated`` on oneDNN (``nn.Conv(conv_general_dilated=...)``).
+
+    Takes 2-D NHWC x HWIO convolutions, float32 or bfloat16, any stride and padding, no dilation
+    or groups; anything else raises (never a silent fallback to XLA's kernels on CPU).
+    """
+    problems = []
+    if lhs.ndim != 4 or rhs.ndim != 4:
+        problems.append(f"{lhs.ndim - 2}-D (only 2-D)")
+    elif lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != \
+            lax.conv_dimension_numbers(lhs.shape, rhs.shape, _DN):
+        problems.append(f"dimension_numbers={dimension_numbers} (only NHWC/HWIO/NHWC)")
+    if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+        problems.append("dilation")
+    if feature_group_count != 1 or batch_group_count != 1:
+        problems.append("grouped convolution")
+    if lhs.dtype != rhs.dtype or lhs.dtype not in DTYPES:
+        problems.append(f"dtypes {lhs.dtype}/{rhs.dtype} (float32 or bfloat16, both the same)")
+    if preferred_element_type is not None and preferred_element_type != lhs.dtype:
+        problems.append(f"preferred_element_type={preferred_element_type}")
+    if problems:
+        raise ValueError(
+            f"the oneDNN convolution does not take {', '.join(problems)}; "
+            "use conv_impl='xla' (--config.conv=xla) for this model"
+        )
+    strides = tuple(int(s) for s in window_strides)
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if any(p < 0 for pair in pads for p in pair):
+        raise ValueError(f"the oneDNN convolution takes no negative padding ({pads}); "
+                         "use conv_impl='xla' for this model")
+    return _conv(lhs, rhs, strides, pads)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m resnet_jax.ops.onednn [build]``: build (if needed) and describe the library."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv not in ([], ["build"]):
+        print("usage: python -m resnet_jax.ops.onednn [build]", file=sys.stderr)
+        return 2
+    try:
+        path = build(verbose=True)
+        print(f"{path}\n{describe()}")
+    except OneDNNUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
