@@ -1,16 +1,22 @@
-"""Baselines timed in the same run as resnet_jax: a straightforward Flax linen ResNet and
-PyTorch eager. Both implement the same architectures (CIFAR option A basic blocks; ImageNet
-basic or v1.5 bottleneck blocks with projection shortcuts) so the ratio compares engines,
-not models.
+"""Programs timed interleaved in one run: resnet_jax's own step and its baselines, a
+straightforward Flax linen ResNet ("plain"), PyTorch eager ("torch") and resnet_jax with
+``conv_impl="xla"`` ("xla", the reference for ``--conv onednn``). All implement the same
+architectures (CIFAR option A basic blocks; ImageNet basic or v1.5 bottleneck blocks with
+projection shortcuts) so the ratio compares engines, not models.
+
+Building a program (model, state, compiled step, or torch module + optimizer) is separate from
+timing it: each builder returns a :class:`harness.Program` for :func:`harness.time_interleaved`.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
+import harness
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -129,14 +135,21 @@ def plain_eval_step(model: PlainResNet) -> Callable:
 
 # ---- PyTorch eager ----------------------------------------------------------------------------
 
-def torch_model(model: ResNet, channels_last: bool):
-    """The same architecture in PyTorch (torchvision's layout; CIFAR option A as akamaster)."""
-    try:
-        import torch
-        from torch import nn as tnn
-    except ImportError as e:
-        raise SystemExit("--baseline torch needs PyTorch: pip install torch") from e
+def torch_spec(model: ResNet) -> dict[str, Any]:
+    """What :func:`torch_model` needs of ``model``, as JSON (for the torch worker process)."""
     from resnet_jax.models import BottleneckBlock
+
+    return {"stage_sizes": [int(n) for n in model.stage_sizes],
+            "bottleneck": model.block_cls is BottleneckBlock, "width": int(model.width),
+            "num_classes": int(model.num_classes), "cifar_stem": model.stem == "cifar",
+            "option_a": model.shortcut == "A"}
+
+
+def torch_model(spec: dict[str, Any], channels_last: bool) -> Any:
+    """The same architecture in PyTorch (torchvision's layout; CIFAR option A as akamaster),
+    from :func:`torch_spec`."""
+    import torch
+    from torch import nn as tnn
 
     class Basic(tnn.Module):
         def __init__(self, cin, cout, stride, option_a):
@@ -181,69 +194,69 @@ def torch_model(model: ResNet, channels_last: bool):
             y = self.b3(self.c3(y))
             return torch.relu((self.short(x) if self.short is not None else x) + y)
 
-    bottleneck = model.block_cls is BottleneckBlock
+    width0, option_a = spec["width"], spec["option_a"]
     layers: list[Any] = []
-    if model.stem == "cifar":
-        layers += [tnn.Conv2d(3, model.width, 3, 1, 1, bias=False), tnn.BatchNorm2d(model.width),
+    if spec["cifar_stem"]:
+        layers += [tnn.Conv2d(3, width0, 3, 1, 1, bias=False), tnn.BatchNorm2d(width0),
                    tnn.ReLU()]
     else:
-        layers += [tnn.Conv2d(3, model.width, 7, 2, 3, bias=False), tnn.BatchNorm2d(model.width),
+        layers += [tnn.Conv2d(3, width0, 7, 2, 3, bias=False), tnn.BatchNorm2d(width0),
                    tnn.ReLU(), tnn.MaxPool2d(3, 2, 1)]
-    cin = model.width
-    for i, n in enumerate(model.stage_sizes):
-        width = model.width * 2**i
+    cin = width0
+    for i, n in enumerate(spec["stage_sizes"]):
+        width = width0 * 2**i
         for j in range(n):
             stride = 2 if i > 0 and j == 0 else 1
-            if bottleneck:
-                layers.append(Bottleneck(cin, width, stride, model.shortcut == "A"))
+            if spec["bottleneck"]:
+                layers.append(Bottleneck(cin, width, stride, option_a))
                 cin = width * 4
             else:
-                layers.append(Basic(cin, width, stride, model.shortcut == "A"))
+                layers.append(Basic(cin, width, stride, option_a))
                 cin = width
-    layers += [tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(cin, model.num_classes)]
+    layers += [tnn.AdaptiveAvgPool2d(1), tnn.Flatten(), tnn.Linear(cin, spec["num_classes"])]
     net = tnn.Sequential(*layers)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
     return net
 
 
-def torch_steps(model: ResNet, batch: dict[str, np.ndarray], channels_last: bool, train: bool):
-    """(first, step) callables for harness.time_steps, timing PyTorch eager on the same batch."""
-    import torch
+# ---- programs -----------------------------------------------------------------------------------
 
-    torch.manual_seed(0)
-    net = torch_model(model, channels_last)
-    x = torch.from_numpy(np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2)))
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.from_numpy(batch["label"].astype(np.int64))
-    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    loss_fn = torch.nn.CrossEntropyLoss()
+def resnet_jax_program(name: str, model: ResNet, batch: dict[str, np.ndarray], mode: str, *,
+                       train: bool) -> harness.Program:
+    """resnet_jax's ``train_step`` (``train``) or ``eval_step`` under ``parallel.compile(mode)``
+    (all devices: ``--cpu-devices`` applies), on ``batch`` (eval needs its ``mask``)."""
+    from resnet_jax import parallel
+    from resnet_jax.train import config as config_lib
+    from resnet_jax.train.state import create_train_state
+    from resnet_jax.train.step import eval_step, train_step
 
-    def train_step():
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(net(x), y)
-        loss.backward()
-        opt.step()
-        return loss.item()
+    state = create_train_state(
+        config_lib.default_config(), model, jax.random.key(0), image_shape=batch["image"].shape[1:]
+    )
+    step = parallel.compile(train_step if train else eval_step, mode, donate_state=train)
+    holder = {"state": step.replicate(state)}
+    device_batch = step.shard(batch)
+    rng = jax.random.PRNGKey(1)
 
-    @torch.no_grad()
-    def eval_step():
-        return net(x).sum().item()
+    def run() -> None:
+        if train:
+            holder["state"], metrics = step(holder["state"], device_batch, rng)
+        else:
+            metrics = step(holder["state"], device_batch)
+        jax.block_until_ready(metrics)
 
-    net.train(train)
-    fn = train_step if train else eval_step
-    return fn, fn
+    return harness.Program(name, run)
 
 
-def time_baseline(name: str, model: ResNet, batch: dict[str, np.ndarray], args: Any,
-                  *, train: bool) -> Any:
-    """Time baseline ``name`` ("plain" or "torch") on ``batch`` with harness.time_steps."""
-    import harness
+def xla_model(model: ResNet) -> ResNet:
+    """``model`` with XLA's convolution (``conv_impl="xla"``); itself where the field is absent."""
+    return model.clone(conv_impl="xla") if hasattr(model, "conv_impl") else model
 
-    if name == "torch":
-        first, step = torch_steps(model, batch, args.torch_channels_last, train)
-        return harness.time_steps(first, step, args.warmup, args.steps)
+
+def plain_program(model: ResNet, batch: dict[str, np.ndarray], *, train: bool) -> harness.Program:
+    """The plain linen ResNet's train step (SGD, momentum, weight decay) or eval forward, on
+    one device."""
     plain = plain_from(model)
     init, train_fn = plain_train_step(plain)
     state = {"s": init(batch["image"])}
@@ -260,4 +273,62 @@ def time_baseline(name: str, model: ResNet, batch: dict[str, np.ndarray], args: 
         def run() -> None:
             jax.block_until_ready(forward(variables, image))
 
-    return harness.time_steps(run, run, args.warmup, args.steps)
+    return harness.Program("plain", run)
+
+
+def torch_step(arrays: dict[str, np.ndarray], *, spec: dict[str, Any], channels_last: bool,
+               train: bool) -> Callable[[], float]:
+    """PyTorch eager on ``arrays`` (the batch): a train step (SGD, momentum, weight decay) or a
+    no-grad forward; ``.item()`` waits for the result. A :class:`harness.Worker` factory."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch_model(spec, channels_last)
+    x = torch.from_numpy(np.ascontiguousarray(arrays["image"].transpose(0, 3, 1, 2)))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.from_numpy(arrays["label"].astype(np.int64))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def train_step() -> float:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(net(x), y)
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    @torch.no_grad()
+    def eval_step() -> float:
+        return net(x).sum().item()
+
+    net.train(train)
+    return train_step if train else eval_step
+
+
+def torch_program(worker: harness.Worker, model: ResNet, batch: dict[str, np.ndarray], *,
+                  channels_last: bool, train: bool) -> harness.Program:
+    """PyTorch eager's step for ``model`` on ``batch``, run in ``worker``'s own process."""
+    if importlib.util.find_spec("torch") is None:
+        raise SystemExit("--baseline torch needs PyTorch: pip install torch")
+    arrays = worker.put({"image": batch["image"], "label": batch["label"]})
+    note = (f"{'channels_last' if channels_last else 'NCHW'}, own process, OpenMP "
+            f"{worker.omp_wait_policy}")
+    return worker.program("torch", "baselines:torch_step", arrays, note=note,
+                          spec=torch_spec(model), channels_last=channels_last, train=train)
+
+
+def build_baseline(name: str, model: ResNet, batch: dict[str, np.ndarray], args: Any, *,
+                   train: bool, worker: harness.Worker | None = None) -> harness.Program:
+    """Build baseline ``name`` (one of ``harness.BASELINES``) for ``model`` on ``batch``;
+    torch needs ``worker``, the process it runs in."""
+    if name == "plain":
+        return plain_program(model, batch, train=train)
+    if name == "torch":
+        if worker is None:
+            raise ValueError("the torch baseline runs in a harness.Worker; pass worker=")
+        return torch_program(worker, model, batch, channels_last=args.torch_channels_last,
+                             train=train)
+    if name == "xla":
+        return resnet_jax_program("xla", xla_model(model), batch, args.parallel, train=train)
+    raise ValueError(f"unknown baseline {name!r}; valid: {', '.join(harness.BASELINES)}")

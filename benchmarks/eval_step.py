@@ -1,9 +1,10 @@
-"""Eval-step (inference) throughput of resnet_jax against baselines timed in the same run.
+"""Eval-step (inference) throughput of resnet_jax against baselines timed interleaved in one run.
 
-    python benchmarks/eval_step.py --arch resnet20 --batch 128 --baseline plain --baseline torch
+    python benchmarks/eval_step.py --baseline plain --baseline torch --torch-channels-last
 
 Times ``resnet_jax.train.step.eval_step`` (forward in eval mode + masked sums) under
-``parallel.compile``; FLOPs are the forward mult-adds x 2. Same output as train_step.py.
+``parallel.compile``; FLOPs are the forward mult-adds x 2. Same flags (``--blocks``, ``--steps``
+per block, ``--conv``, ``--baseline plain|torch|xla``) and output as train_step.py.
 """
 
 from __future__ import annotations

@@ -63,8 +63,8 @@ die() { echo "gpu.sh: $*" >&2; exit "${rc:-1}"; }
 
 # name, own timeout (s), script in benchmarks/, args; most important first (BENCH_BUDGET_S cuts
 # the tail). r20_b128_jit is the training run's step; r50_b256_jit the headline vs plain linen.
-r50="--arch resnet50 --stride-in 3x3 --dtype bfloat16 --warmup 3 --steps 20"
-r20="--arch resnet20 --warmup 5 --steps 50"
+r50="--arch resnet50 --stride-in 3x3 --dtype bfloat16 --warmup 3 --blocks 4 --steps 5"
+r20="--arch resnet20 --warmup 5 --blocks 5 --steps 10"
 BENCH=(
   "r20_b128_jit    45 train_step.py $r20 --batch 128 --parallel jit --no-peak"
   "r50_b256_jit   120 train_step.py $r50 --batch 256 --parallel jit --baseline plain"

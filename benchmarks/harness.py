@@ -1,29 +1,46 @@
-"""Shared benchmark machinery: machine facts, a matmul peak, timing, FLOP and memory accounting.
+"""Shared benchmark machinery: machine facts, a matmul peak, interleaved timing, FLOP and memory
+accounting.
 
 Every number is measured in the same process run as its baseline, and ratios are printed
-against that baseline, never against a number from another day or machine.
+against that baseline, never against a number from another day or machine. The programs of a
+run are timed interleaved (:func:`time_interleaved`): short blocks of steps of each program in
+turn, so a machine whose speed drifts within minutes moves every program alike and the
+per-block ratios hold still.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import importlib
+import itertools
 import json
 import os
 import platform
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+BASELINES = ("plain", "torch", "xla")
+CONV_IMPLS = ("xla", "onednn")
+# OpenMP's wait policy as this process was started, before resnet_jax.ops.onednn defaults it to
+# PASSIVE: the torch worker gets this one (see Worker).
+OMP_WAIT_POLICY_AT_START = os.environ.get("OMP_WAIT_POLICY")
+
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The flags shared by train_step.py and eval_step.py."""
     parser.add_argument("--arch", default="resnet20", help="registry name, e.g. resnet20, resnet50")
     parser.add_argument("--batch", type=int, default=128, help="global batch size")
     parser.add_argument("--image", type=int, default=None, help="image side (default 32 / 224)")
@@ -31,23 +48,37 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", default="jit", choices=["jit", "pmap"])
     parser.add_argument("--cpu-devices", type=int, default=0,
                         help="split the host CPU into N JAX devices for resnet_jax's step "
-                             "(config.cpu_devices; baselines stay on one device)")
+                             "(config.cpu_devices; the xla baseline too; plain and torch stay "
+                             "on one device)")
     parser.add_argument("--width", type=int, default=None, help="override the model width")
     parser.add_argument("--stride-in", default=None, choices=["1x1", "3x3"],
                         help="bottleneck stride placement (3x3 = v1.5, torchvision)")
     parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                         help="model override for resnet_jax (e.g. scan_blocks=False), repeatable")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps")
-    parser.add_argument("--baseline", action="append", default=[], choices=["torch", "plain"],
-                        help="also time this baseline in the same run (repeatable)")
+    parser.add_argument("--conv", default="xla", choices=CONV_IMPLS,
+                        help="resnet_jax's convolution: the model's conv_impl (xla = "
+                             "jax.lax.conv_general_dilated; onednn = resnet_jax.ops.onednn)")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed steps of each program after its compiling first call")
+    parser.add_argument("--blocks", type=int, default=5,
+                        help="interleaved blocks: each block times --steps steps of every "
+                             "program in turn, the first program rotating")
+    parser.add_argument("--steps", "--steps-per-block", dest="steps", type=int, default=4,
+                        help="timed steps of each program per block (total: blocks x steps)")
+    parser.add_argument("--baseline", action="append", default=[], choices=BASELINES,
+                        help="also time this baseline, interleaved in the same run (repeatable): "
+                             "plain = a straightforward Flax linen ResNet, torch = PyTorch eager, "
+                             "xla = resnet_jax with conv_impl='xla' (for --conv onednn)")
     parser.add_argument("--torch-channels-last", action="store_true",
-                        help="run the torch baseline in channels_last memory format")
+                        help="run the torch baseline in channels_last (NHWC) memory format: "
+                             "PyTorch's fastest CPU layout (oneDNN's native one), so the fair "
+                             "comparison; without it torch runs NCHW")
     parser.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement")
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
 
 
 def machine() -> dict[str, Any]:
+    """Host, CPU, Python, JAX version, backend and devices of this process."""
     devs = jax.devices()
     return {
         "host": platform.node(),
@@ -76,6 +107,8 @@ def matmul_peak_flops(dtype: Any = jnp.float32) -> float:
 
 @dataclasses.dataclass
 class Timing:
+    """One program's first call and timed steps (all blocks together)."""
+
     first_call_seconds: float  # compile + one step
     step_seconds: list[float]
 
@@ -93,24 +126,238 @@ class Timing:
         return min(self.step_seconds), max(self.step_seconds)
 
 
+@dataclasses.dataclass
+class Program:
+    """A timed program: ``step()`` runs one step and blocks until its result is ready
+    (``jax.block_until_ready``, ``.item()``); ``first()`` (default: ``step``) is the first,
+    compiling call. ``timed(n)``, where given, runs ``n`` steps and returns their seconds as
+    measured where they ran (a :class:`Worker`'s program). ``note`` is printed after the name
+    (e.g. the torch memory format)."""
+
+    name: str
+    step: Callable[[], Any]
+    first: Callable[[], Any] | None = None
+    note: str = ""
+    timed: Callable[[int], list[float]] | None = None
+
+
+@dataclasses.dataclass
+class Ratio:
+    """Median and min..max over blocks of one program's speed relative to another."""
+
+    median: float
+    min: float
+    max: float
+
+
+@dataclasses.dataclass
+class Interleaved:
+    """What :func:`time_interleaved` measured."""
+
+    steps_per_block: int
+    first_call_seconds: dict[str, float]
+    block_seconds: list[dict[str, list[float]]]  # [block][program name] -> per-step seconds
+    block_order: list[list[str]]  # [block] -> program names in the order they ran
+    notes: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def blocks(self) -> int:
+        return len(self.block_seconds)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.first_call_seconds)
+
+    def timing(self, name: str) -> Timing:
+        """``name``'s first call and every timed step over all blocks."""
+        steps = [t for block in self.block_seconds for t in block[name]]
+        return Timing(self.first_call_seconds[name], steps)
+
+    def block_medians(self, name: str) -> list[float]:
+        return [statistics.median(block[name]) for block in self.block_seconds]
+
+    def ratios(self, primary: str, other: str) -> list[float]:
+        """Per block, ``other``'s median step time / ``primary``'s: primary's speed relative
+        to ``other`` (above 1: primary is faster)."""
+        return [o / p for p, o in zip(self.block_medians(primary), self.block_medians(other),
+                                      strict=True)]
+
+    def ratio(self, primary: str, other: str) -> Ratio:
+        r = self.ratios(primary, other)
+        return Ratio(statistics.median(r), min(r), max(r))
+
+
+def block_order(names: Sequence[str], block: int) -> list[str]:
+    """The order programs run in block ``block``: rotated so each program leads in turn."""
+    k = block % len(names)
+    return [*names[k:], *names[:k]]
+
+
+def time_interleaved(
+    programs: Sequence[Program],
+    *,
+    blocks: int,
+    steps_per_block: int,
+    warmup: int = 0,
+    clock: Callable[[], float] = time.perf_counter,
+) -> Interleaved:
+    """Time ``programs`` interleaved: compile each (``first()``, timed), run ``warmup`` untimed
+    steps of each, then ``blocks`` blocks; block ``b`` times ``steps_per_block`` steps of every
+    program, one program after the other, starting from program ``b % len(programs)``."""
+    names = [p.name for p in programs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"program names must be unique: {names}")
+    if not programs or blocks < 1 or steps_per_block < 1:
+        raise ValueError("need at least one program, one block and one step per block.")
+    by_name = {p.name: p for p in programs}
+    first_call = {}
+    for p in programs:
+        t = clock()
+        (p.first or p.step)()
+        first_call[p.name] = clock() - t
+        if p.timed:
+            p.timed(warmup)
+        else:
+            for _ in range(warmup):
+                p.step()
+    block_seconds, orders = [], []
+    for b in range(blocks):
+        order = block_order(names, b)
+        times: dict[str, list[float]] = {}
+        for name in order:
+            p = by_name[name]
+            if p.timed:
+                times[name] = list(p.timed(steps_per_block))
+                continue
+            times[name] = []
+            for _ in range(steps_per_block):
+                t = clock()
+                p.step()
+                times[name].append(clock() - t)
+        block_seconds.append(times)
+        orders.append(order)
+    return Interleaved(steps_per_block, first_call, block_seconds, orders,
+                       {p.name: p.note for p in programs if p.note})
+
+
+class Worker:
+    """A Python process (``python harness.py --worker``) that builds and runs programs for this
+    one, for :func:`time_interleaved` to interleave with local ones.
+
+    PyTorch's baseline runs here. One OpenMP runtime serves a whole process and reads its wait
+    policy once, and with torch beside JAX no policy is neutral (2-core VM, ResNet-20 batch 32
+    train step): PASSIVE, which resnet_jax.ops.onednn sets, made torch 1.4-1.6x slower (55-57
+    vs 36-40 ms); ACTIVE left torch's threads spinning through JAX's steps (plain linen 82 ->
+    116 ms); libgomp's default spun into 0.3-3 s torch steps while other jobs ran. In its own
+    process torch runs as a PyTorch user's would, with the ``OMP_WAIT_POLICY`` this process
+    started with (libgomp's default if none), idle on a pipe while the other programs run.
+    Steps are timed in the worker.
+    """
+
+    def __init__(self) -> None:
+        env = dict(os.environ)
+        if OMP_WAIT_POLICY_AT_START is None:
+            env.pop("OMP_WAIT_POLICY", None)
+        else:
+            env["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY_AT_START
+        env.setdefault("JAX_PLATFORMS", "cpu")  # the worker's programs need no accelerator
+        self._tmp = tempfile.TemporaryDirectory(prefix="resnet_jax_bench_")
+        self._ids = itertools.count()
+        self._proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--worker"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+        )
+
+    @property
+    def omp_wait_policy(self) -> str:
+        """The worker's OpenMP wait policy, lower case ('default': libgomp's own)."""
+        return (OMP_WAIT_POLICY_AT_START or "default").lower()
+
+    def _call(self, **request: Any) -> Any:
+        assert self._proc.stdin and self._proc.stdout
+        with contextlib.suppress(BrokenPipeError):  # a dead worker is reported below
+            self._proc.stdin.write(json.dumps(request) + "\n")
+            self._proc.stdin.flush()
+        line = self._proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker exited with status {self._proc.wait()}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"benchmark worker: {reply['error']}")
+        return reply.get("result")
+
+    def put(self, arrays: dict[str, np.ndarray]) -> str:
+        """Save ``arrays`` for the worker's programs; returns the key to pass to program()."""
+        path = os.path.join(self._tmp.name, f"arrays{next(self._ids)}.npz")
+        np.savez(path, **arrays)
+        return path
+
+    def program(self, name: str, factory: str, arrays: str | None = None, note: str = "",
+                **kwargs: Any) -> Program:
+        """Build ``factory(arrays_dict, **kwargs)`` (``"module:function"``, importable from
+        benchmarks/, returning a blocking zero-argument step) in the worker, as a Program."""
+        pid = next(self._ids)
+        self._call(op="build", id=pid, factory=factory, arrays=arrays, kwargs=kwargs)
+        return Program(name, step=lambda: self._call(op="steps", id=pid, n=1), note=note,
+                       timed=lambda n: self._call(op="steps", id=pid, n=n))
+
+    def close(self) -> None:
+        """Stop the worker (idempotent)."""
+        if self._proc.poll() is None:
+            with contextlib.suppress(RuntimeError, OSError):
+                self._call(op="stop")
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def serve_worker() -> None:
+    """The worker's loop: one JSON request a line on stdin, one JSON reply a line on stdout."""
+    out, sys.stdout = sys.stdout, sys.stderr  # stray prints must not break the protocol
+    programs: dict[int, Callable[[], Any]] = {}
+    for line in sys.stdin:
+        request = json.loads(line)
+        if request["op"] == "stop":
+            out.write(json.dumps({"result": None}) + "\n")
+            out.flush()
+            break
+        try:
+            if request["op"] == "build":
+                module, function = request["factory"].split(":")
+                arrays = dict(np.load(request["arrays"])) if request["arrays"] else {}
+                factory = getattr(importlib.import_module(module), function)
+                programs[request["id"]] = factory(arrays, **request["kwargs"])
+                reply: dict[str, Any] = {"result": None}
+            else:
+                step, times = programs[request["id"]], []
+                for _ in range(request["n"]):
+                    t = time.perf_counter()
+                    step()
+                    times.append(time.perf_counter() - t)
+                reply = {"result": times}
+        except Exception:
+            reply = {"error": traceback.format_exc(limit=-3)}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
 def time_steps(
     first: Callable[[], Any], step: Callable[[], Any], warmup: int, steps: int
 ) -> Timing:
-    """``first()`` compiles and runs once; then ``warmup`` untimed and ``steps`` timed calls.
-
-    Each callable must block until its result is ready (``jax.block_until_ready``).
-    """
-    t = time.perf_counter()
-    first()
-    first_call = time.perf_counter() - t
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return Timing(first_call, times)
+    """One program alone: ``first()`` compiles and runs once; then ``warmup`` untimed and
+    ``steps`` timed calls. Each callable must block until its result is ready."""
+    result = time_interleaved([Program("program", step, first)], blocks=1,
+                              steps_per_block=steps, warmup=warmup)
+    return result.timing("program")
 
 
 def peak_memory_bytes() -> int:
@@ -124,15 +371,19 @@ def peak_memory_bytes() -> int:
 def report(
     title: str,
     args: argparse.Namespace,
-    timing: Timing,
+    result: Interleaved,
     flops_per_image: float,
     peak: float | None,
-    baselines: dict[str, Timing],
+    primary: str = "resnet_jax",
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Print the human-readable lines and return the JSON record."""
+    """Print the human-readable lines and return the JSON record: ``primary``'s timing, and
+    for every other program in ``result`` its speed and the per-block ratios against it."""
+    timing = result.timing(primary)
     ips = args.batch / timing.median
     achieved = flops_per_image * ips
+    others = [name for name in result.names if name != primary]
+    m = machine()
     out: dict[str, Any] = {
         "benchmark": title,
         "arch": args.arch,
@@ -141,7 +392,9 @@ def report(
         "dtype": args.dtype,
         "parallel": args.parallel,
         "cpu_devices": args.cpu_devices,
-        **machine(),
+        "conv": getattr(args, "conv", "xla"),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        **m,
         "compile_seconds": round(timing.compile_seconds, 3),
         "first_call_seconds": round(timing.first_call_seconds, 3),
         "step_seconds_median": timing.median,
@@ -149,6 +402,8 @@ def report(
         "step_seconds_max": timing.spread[1],
         "timed_steps": len(timing.step_seconds),
         "warmup_steps": args.warmup,
+        "blocks": result.blocks,
+        "steps_per_block": result.steps_per_block,
         "images_per_second": ips,
         "flops_per_image": flops_per_image,
         "achieved_flops": achieved,
@@ -157,34 +412,49 @@ def report(
         "peak_memory_bytes": peak_memory_bytes(),
         **(extra or {}),
     }
-    m = machine()
     print(f"machine: {m['host']} {m['cpu']} ({m['cpu_count']} cpus), jax {m['jax']}, "
           f"{m['backend']}: {m['devices']}")
+    conv = f" conv {out['conv']}" if out["conv"] != "xla" else ""
     print(f"{title}: {args.arch} batch {args.batch} image {args.image} {args.dtype} "
-          f"{args.parallel}; compile {timing.compile_seconds:.1f} s (first call "
-          f"{timing.first_call_seconds:.1f} s less the median step); "
-          f"{args.warmup} warm-up + {len(timing.step_seconds)} timed steps")
+          f"{args.parallel}{conv}; compile {timing.compile_seconds:.1f} s (first call "
+          f"{timing.first_call_seconds:.1f} s less the median step); {args.warmup} warm-up + "
+          f"{result.blocks} blocks x {result.steps_per_block} timed steps"
+          + (f", interleaved with {len(others)} baseline(s)" if others else ""))
     lo, hi = timing.spread
     print(f"  step median {timing.median * 1e3:.1f} ms (min {lo * 1e3:.1f}, max {hi * 1e3:.1f}); "
           f"{ips:,.0f} images/s; {achieved / 1e9:,.1f} GFLOP/s"
           + (f" = {achieved / peak:.1%} of a {peak / 1e9:,.0f} GFLOP/s matmul" if peak else ""))
     print(f"  peak memory {out['peak_memory_bytes'] / 2**20:,.0f} MiB")
-    for name, t in baselines.items():
+    for name in others:
+        t = result.timing(name)
         b_ips = args.batch / t.median
-        ratio = ips / b_ips
+        r = result.ratio(primary, name)
         out[f"{name}_images_per_second"] = b_ips
+        out[f"{name}_step_seconds_median"] = t.median
         out[f"{name}_compile_seconds"] = round(t.compile_seconds, 3)
-        out[f"vs_{name}"] = ratio
-        print(f"  baseline {name}: median {t.median * 1e3:.1f} ms, {b_ips:,.0f} images/s "
-              f"-> resnet_jax is {ratio:.2f}x")
+        out[f"vs_{name}"] = r.median
+        out[f"vs_{name}_min"] = r.min
+        out[f"vs_{name}_max"] = r.max
+        note = result.notes.get(name)
+        if note:
+            out[f"{name}_note"] = note
+        label = f"{name} ({note})" if note else name
+        print(f"  baseline {label}: median {t.median * 1e3:.1f} ms, {b_ips:,.0f} images/s "
+              f"-> {primary} is {r.median:.2f}x (blocks: {r.min:.2f}-{r.max:.2f}, "
+              f"{result.blocks} blocks x {result.steps_per_block} steps, interleaved)")
     if args.json:
         print(json.dumps(out, default=float))
     return out
 
 
 def random_batch(args: argparse.Namespace, num_classes: int, image: int) -> dict[str, np.ndarray]:
+    """A fixed synthetic batch: standard-normal NHWC images and uniform labels."""
     rng = np.random.default_rng(0)
     return {
         "image": rng.standard_normal((args.batch, image, image, 3), dtype=np.float32),
         "label": rng.integers(0, num_classes, (args.batch,), dtype=np.int32),
     }
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:
+    serve_worker()

@@ -1,10 +1,13 @@
-"""Smoke tests of the benchmark harness: each script runs on a tiny net and ends in valid JSON.
+"""Smoke tests of the benchmark harness: each script runs on a tiny net and ends in valid JSON;
+unit tests of the interleaved timer with fake programs and a fake clock.
 
 Speed is never asserted here (benchmarks/RESULTS.md holds the measured numbers).
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import json
 import os
 import pathlib
@@ -14,6 +17,11 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+try:
+    import harness
+finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
 
 
 def run_json(script: str, *args: str) -> dict:
@@ -26,18 +34,186 @@ def run_json(script: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def onednn_or_skip() -> None:
+    """Skip unless resnet_jax.ops.onednn exists and its available() is True."""
+    try:
+        spec = importlib.util.find_spec("resnet_jax.ops.onednn")
+    except ModuleNotFoundError:  # no resnet_jax.ops package
+        spec = None
+    if spec is None:
+        pytest.skip("resnet_jax.ops.onednn does not exist (yet)")
+    onednn = importlib.import_module("resnet_jax.ops.onednn")
+    if not onednn.available():
+        pytest.skip("resnet_jax.ops.onednn.available() is False: oneDNN does not build/load here")
+
+
 TINY = ["--arch", "resnet20", "--width", "4", "--batch", "8", "--image", "16",
-        "--warmup", "1", "--steps", "2", "--no-peak"]
+        "--warmup", "1", "--blocks", "2", "--steps", "1", "--no-peak"]
 
 
-@pytest.mark.parametrize("script", ["train_step.py", "eval_step.py"])
-def test_step_benchmarks_print_json_with_a_same_run_baseline(script):
-    r = run_json(script, *TINY, "--baseline", "plain")
+class FakeClock:
+    """A clock that only moves when a fake program runs: each step takes what it is told."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def fake_programs(clock: FakeClock, seconds: dict[str, list[float]], calls: list[str],
+                  steps_per_block: int) -> list[harness.Program]:
+    """Programs whose steps take ``seconds[name][k // steps_per_block]`` for their ``k``-th step
+    (warm-up included); ``calls`` records every call in order ("a:first", "a")."""
+    state = {"steps": dict.fromkeys(seconds, 0)}
+
+    def make(name: str) -> harness.Program:
+        def first() -> None:
+            calls.append(f"{name}:first")
+            clock.now += 100.0
+
+        def step() -> None:
+            calls.append(name)
+            block = state["steps"][name] // steps_per_block
+            clock.now += seconds[name][block]
+            state["steps"][name] += 1
+
+        return harness.Program(name, step, first)
+
+    return [make(name) for name in seconds]
+
+
+def test_interleaved_blocks_rotate_the_first_program_and_time_each():
+    clock, calls = FakeClock(), []
+    seconds = {"a": [1.0, 1.0, 2.0], "b": [2.0, 3.0, 2.0], "c": [0.5, 0.5, 0.5]}
+    programs = fake_programs(clock, seconds, calls, 2)
+    r = harness.time_interleaved(programs, blocks=3, steps_per_block=2, clock=clock)
+    # every program compiles (first) before any timed step, then blocks rotate the leader
+    assert calls[:3] == ["a:first", "b:first", "c:first"]
+    assert calls[3:] == ["a", "a", "b", "b", "c", "c",
+                         "b", "b", "c", "c", "a", "a",
+                         "c", "c", "a", "a", "b", "b"]
+    assert r.block_order == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
+    assert r.blocks == 3 and r.steps_per_block == 2 and r.names == ["a", "b", "c"]
+    assert r.first_call_seconds == {"a": 100.0, "b": 100.0, "c": 100.0}
+    assert r.block_medians("b") == [2.0, 3.0, 2.0]
+    # per block: baseline median / primary median (a is 3x, 3x, 1x as fast as b)
+    assert r.ratios("a", "b") == [2.0, 3.0, 1.0]
+    ratio = r.ratio("a", "b")
+    assert (ratio.median, ratio.min, ratio.max) == (2.0, 1.0, 3.0)
+    assert ratio.min <= ratio.median <= ratio.max
+    t = r.timing("a")
+    assert t.step_seconds == [1.0, 1.0, 1.0, 1.0, 2.0, 2.0] and t.median == 1.0
+    assert t.first_call_seconds == 100.0 and t.compile_seconds == 99.0
+
+
+def test_interleaved_warmup_and_argument_checks():
+    clock, calls = FakeClock(), []
+    programs = fake_programs(clock, {"a": [1.0, 1.0], "b": [1.0, 1.0]}, calls, 1)
+    harness.time_interleaved(programs, blocks=1, steps_per_block=1, warmup=1, clock=clock)
+    assert calls == ["a:first", "a", "b:first", "b", "a", "b"]
+    assert harness.block_order(["a", "b", "c"], 4) == ["b", "c", "a"]
+    with pytest.raises(ValueError, match="unique"):
+        harness.time_interleaved([programs[0], programs[0]], blocks=1, steps_per_block=1)
+    with pytest.raises(ValueError, match="one block"):
+        harness.time_interleaved(programs, blocks=0, steps_per_block=1)
+
+
+def test_time_steps_keeps_its_single_program_meaning():
+    calls = []
+    t = harness.time_steps(lambda: calls.append("first"), lambda: calls.append("step"), 2, 3)
+    assert calls == ["first"] + ["step"] * 5 and len(t.step_seconds) == 3
+
+
+FACTORY = """
+import os
+
+
+def make(arrays, *, log):
+    def step():
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {os.environ.get('OMP_WAIT_POLICY')} {arrays['x'].sum()}\\n")
+    return step
+"""
+
+
+def test_worker_programs_run_in_their_own_process_interleaved(tmp_path, monkeypatch):
+    (tmp_path / "fake_factory.py").write_text(FACTORY)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), *sys.path]))
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # set after start: the worker must not see it
+    log = tmp_path / "log.txt"
+    local = []
+    with harness.Worker() as worker:
+        arrays = worker.put({"x": [1.0, 2.0]})
+        remote = worker.program("remote", "fake_factory:make", arrays, log=str(log))
+        r = harness.time_interleaved([harness.Program("local", lambda: local.append(1)), remote],
+                                     blocks=3, steps_per_block=2, warmup=1)
+        with pytest.raises(RuntimeError, match="no_such_factory"):
+            worker.program("bad", "fake_factory:no_such_factory")
+    lines = log.read_text().splitlines()
+    assert len(lines) == len(local) == 1 + 1 + 3 * 2  # first, warm-up, 3 blocks of 2
+    policy = harness.OMP_WAIT_POLICY_AT_START
+    assert str(os.getpid()) not in {line.split()[0] for line in lines}
+    assert {tuple(line.split()[1:]) for line in lines} == {(str(policy), "3.0")}
+    assert r.block_order == [["local", "remote"], ["remote", "local"], ["local", "remote"]]
+    assert [len(block["remote"]) for block in r.block_seconds] == [2, 2, 2]
+    ratio = r.ratio("local", "remote")
+    assert ratio.min <= ratio.median <= ratio.max
+
+
+def test_train_step_benchmark_interleaves_plain_xla_and_torch_baselines():
+    pytest.importorskip("torch")
+    r = run_json("train_step.py", *TINY, "--baseline", "plain", "--baseline", "xla",
+                 "--baseline", "torch", "--torch-channels-last")
+    for key in ("images_per_second", "compile_seconds", "step_seconds_median",
+                "peak_memory_bytes", "flops_per_image"):
+        assert r[key] > 0, key
+    assert r["timed_steps"] == 2 and r["blocks"] == 2 and r["steps_per_block"] == 1
+    assert r["backend"] == "cpu" and r["conv"] == "xla" and "flop_utilization" in r
+    for name in ("plain", "xla", "torch"):
+        assert r[f"{name}_images_per_second"] > 0
+        assert r[f"vs_{name}_min"] <= r[f"vs_{name}"] <= r[f"vs_{name}_max"], name
+    assert r["torch_note"].startswith("channels_last, own process, OpenMP ")
+
+
+def test_eval_step_benchmark_prints_json_with_a_same_run_baseline():
+    r = run_json("eval_step.py", *TINY, "--baseline", "plain")
     for key in ("images_per_second", "compile_seconds", "step_seconds_median", "vs_plain",
                 "peak_memory_bytes", "flops_per_image"):
         assert r[key] > 0, key
-    assert r["timed_steps"] == 2 and r["backend"] == "cpu"
-    assert "flop_utilization" in r
+    assert r["vs_plain_min"] <= r["vs_plain"] <= r["vs_plain_max"]
+    assert r["timed_steps"] == 2 and r["blocks"] == 2
+
+
+def test_conv_ops_benchmark_covers_the_strided_shapes():
+    r = run_json("conv_ops.py", "--batch", "4", "--blocks", "2", "--reps", "1", "--no-torch",
+                 "--only", "/2")
+    assert [(row["conv"], row["out_side"]) for row in r[::3]] == [
+        ("3x3/2 p1 ->32", 16), ("3x3/2 p1 ->128", 28), ("1x1/2 p0 ->512", 28),
+        ("7x7/2 p3 ->64", 112)]
+    stem = r[-1]
+    assert stem["shape"] == "1x224x224x3" and stem["op"] == "weight_grad"
+    assert stem["flops"] == 2 * 1 * 112 * 112 * 7 * 7 * 3 * 64
+    assert all(row["xla_gflops"] > 0 and row["torch_gflops"] is None for row in r)
+
+
+def test_conv_ops_onednn_column():
+    onednn_or_skip()
+    pytest.importorskip("torch")
+    r = run_json("conv_ops.py", "--batch", "4", "--blocks", "2", "--reps", "1", "--conv",
+                 "onednn", "--only", "32x32x16")
+    assert {row["op"] for row in r} == {"forward", "input_grad", "weight_grad"}
+    for row in r:
+        assert row["onednn_gflops"] > 0 and row["xla_gflops"] > 0 and row["torch_gflops"] > 0
+        for pair in ("onednn_vs_torch", "onednn_vs_xla", "xla_vs_torch"):
+            assert row[f"{pair}_min"] <= row[pair] <= row[f"{pair}_max"], pair
+
+
+def test_train_step_conv_onednn_against_the_xla_baseline():
+    onednn_or_skip()
+    r = run_json("train_step.py", *TINY, "--conv", "onednn", "--baseline", "xla")
+    assert r["conv"] == "onednn" and r["images_per_second"] > 0
+    assert r["vs_xla_min"] <= r["vs_xla"] <= r["vs_xla_max"]
 
 
 def test_input_pipeline_benchmark_prints_json():

@@ -274,6 +274,10 @@ def test_train_py_with_conv_onednn_runs_and_a_missing_compiler_exits_2(tmp_path:
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert (tmp_path / "run" / "metrics.jsonl").exists()
+    import resnet_jax  # a checkpoint loads with XLA's convolution (portable, no extra needed)
+
+    model, _ = resnet_jax.load(str(tmp_path / "run"))
+    assert model.conv_impl == "xla"
     bad = {**env, "RESNET_JAX_CACHE": str(tmp_path / "cache"), "CXX": "no-such-g++"}
     done = subprocess.run([*args, f"--workdir={tmp_path / 'bad'}"], env=bad, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)

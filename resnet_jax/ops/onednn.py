@@ -16,8 +16,9 @@ XLA's convolution (``lax.platform_dependent``), so a config that says "onednn" s
 
 Threads: oneDNN here is built on GNU OpenMP. Each call sets its OpenMP team to the host's cores
 divided by the local CPU devices (``cpu_devices``), so one device per core runs single-threaded
-oneDNN calls side by side instead of oversubscribing; ``OMP_WAIT_POLICY`` defaults to PASSIVE so
-idle OpenMP threads sleep rather than spin against XLA's own threads.
+oneDNN calls side by side instead of oversubscribing (``OMP_NUM_THREADS``, where set, rules
+instead); ``OMP_WAIT_POLICY`` defaults to PASSIVE so idle OpenMP threads sleep rather than spin
+against XLA's own threads.
 """
 
 from __future__ import annotations
@@ -150,7 +151,10 @@ def describe() -> str:
 
 
 def threads_per_call() -> int:
-    """The host's cores divided among its CPU devices (one device per core: 1 thread each)."""
+    """The host's cores divided among its CPU devices (one device per core: 1 thread each);
+    0 (OpenMP's own choice) where ``OMP_NUM_THREADS`` is set, so that setting rules."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return 0
     cores = len(os.sched_getaffinity(0))
     return max(1, cores // max(1, len(jax.local_devices(backend="cpu"))))
 
