@@ -215,7 +215,7 @@ def test_resnet20_train_steps_equal_xlas_along_20_steps() -> None:
 
 
 @needs_onednn
-def test_pmap_and_jit_on_two_cpu_devices_use_one_thread_each(tmp_path: Path) -> None:
+def test_pmap_and_jit_on_two_cpu_devices_each_convolve_their_shard(tmp_path: Path) -> None:
     script = textwrap.dedent("""
         import os
         os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
@@ -235,13 +235,22 @@ def test_pmap_and_jit_on_two_cpu_devices_use_one_thread_each(tmp_path: Path) -> 
         import functools
         a, b = grads(onednn.conv_general_dilated), grads(lax.conv_general_dilated)
         assert float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b))) < 1e-5
-        from jax.sharding import NamedSharding, PartitionSpec as P
-        mesh = jax.make_mesh((2,), ("batch",))
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+        mesh = Mesh(np.asarray(jax.devices()), ("batch",))  # as parallel.compile's jit mode
         xs = jax.device_put(x.reshape(8, 8, 8, 3), NamedSharding(mesh, P("batch")))
         f = jax.jit(lambda x: onednn.conv_general_dilated(x, w, (1, 1), "SAME",
                                                           dimension_numbers=dn))
         ref = lax.conv_general_dilated(xs, w, (1, 1), "SAME", dimension_numbers=dn)
         assert float(jnp.max(jnp.abs(f(xs) - ref))) < 1e-4
+        # each device convolves its own half of the batch (no gather of the whole batch)
+        hlo = f.lower(xs).compile().as_text()
+        call = [l for l in hlo.splitlines() if "resnet_jax_onednn_conv_fwd" in l]
+        assert call and all("f32[4,8,8,4]" in l and "f32[8,8,8" not in l for l in call), call
+        gw = jax.jit(jax.grad(lambda w, x: jnp.sum(onednn.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=dn) ** 2)))
+        gref = jax.grad(lambda w, x: jnp.sum(lax.conv_general_dilated(
+            x, w, (1, 1), "SAME", dimension_numbers=dn) ** 2))
+        assert float(jnp.max(jnp.abs(gw(w, xs) - gref(w, xs))) / jnp.max(jnp.abs(gref(w, xs)))) < 1e-5
         print("ok")
     """)
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}

@@ -6,8 +6,10 @@
 //   resnet_jax_onednn_conv_bwd_weights  dw = conv^T_w(x, dy)     (the weight gradient)
 //
 // Attributes (int64): stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, threads
-// (OpenMP threads for this call; 0 keeps the OpenMP default). float32 and bfloat16 (where this
-// CPU's oneDNN has a bf16 convolution); no dilation or groups (resnet_jax's networks use none).
+// (OpenMP threads for this call; 0 keeps the OpenMP default), split (> 1: the batch in that many
+// single-threaded slices on XLA's own thread pool instead of an OpenMP team). float32 and
+// bfloat16 (where this CPU's oneDNN has a bf16 convolution); no dilation or groups
+// (resnet_jax's networks use none).
 //
 // Activations stay in XLA's NHWC layout (no reorders of the large tensors); oneDNN picks its own
 // weight layout ("any") and the small kernels are reordered from/to HWIO on every call.
@@ -18,12 +20,16 @@
 #include <oneapi/dnnl/dnnl.hpp>
 #include <omp.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <exception>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -154,11 +160,116 @@ ffi::Error Check4D(const ffi::AnyBuffer& b, const char* name) {
   return ffi::Error::Success();
 }
 
-// One handler body for all three kinds. `a`, `b` are the inputs and `out` the result:
+// One problem (key) on the calling thread: `a`, `b` the inputs, `out` the result (raw pointers
+// to NHWC activations / HWIO weights):
 //   forward: (x, w) -> y;  backward data: (dy, w) -> dx;  backward weights: (x, dy) -> dw.
-ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out,
-               int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
-               int64_t threads) {
+void Execute(const Key& key, void* a, void* b, void* out) {
+  const Kind kind = static_cast<Kind>(key[0]);
+  auto conv = Get(key);
+  const Geometry g = GeometryOf(key);
+  const auto dt = key[1] ? memory::data_type::bf16 : memory::data_type::f32;
+  auto& engine = Engine();
+  auto& buf = Buffers();
+  const memory::desc src_md(g.src, dt, Tag::nhwc), dst_md(g.dst, dt, Tag::nhwc);
+  memory scratch(memory::desc({int64_t(conv->scratchpad_bytes)}, memory::data_type::u8, Tag::a),
+                 engine, Grow(buf.scratchpad, conv->scratchpad_bytes + 1));
+  // The weights as oneDNN wants them: the user's HWIO buffer, or a reordered copy.
+  memory user_weights(conv->user_weights_md, engine, kind == kBackwardWeights ? out : b);
+  memory weights = conv->needs_reorder
+      ? memory(conv->weights_md, engine, Grow(buf.weights, conv->weights_md.get_size()))
+      : user_weights;
+  if (conv->needs_reorder && kind != kBackwardWeights) {
+    conv->weights_reorder.execute(buf.stream, user_weights, weights);
+  }
+  if (kind == kForward) {
+    memory src(src_md, engine, a), dst(dst_md, engine, out);
+    conv->prim.execute(buf.stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights},
+                                    {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
+  } else if (kind == kBackwardData) {
+    memory diff_dst(dst_md, engine, a), diff_src(src_md, engine, out);
+    conv->prim.execute(buf.stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, weights},
+                                    {DNNL_ARG_DIFF_SRC, diff_src},
+                                    {DNNL_ARG_SCRATCHPAD, scratch}});
+  } else {
+    memory src(src_md, engine, a), diff_dst(dst_md, engine, b);
+    conv->prim.execute(buf.stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
+                                    {DNNL_ARG_DIFF_WEIGHTS, weights},
+                                    {DNNL_ARG_SCRATCHPAD, scratch}});
+    if (conv->needs_reorder) conv->weights_reorder.execute(buf.stream, weights, user_weights);
+  }
+  buf.stream.wait();
+}
+
+std::string Describe(const std::exception& e, const Key& key) {
+  return std::string("oneDNN conv: ") + e.what() +
+         (key[1] ? " (no bfloat16 convolution on this CPU?)" : "");
+}
+
+// Split mode: the batch in `chunks` slices, each a single-threaded oneDNN call, run on XLA's
+// own intra-op thread pool (the FFI's thread-pool context) and on the calling thread, which
+// claims slices too (so it never waits on a pool busy elsewhere, and cannot deadlock). The
+// weight gradient sums the slices' partial gradients (float32 only; see Run).
+struct SplitState {
+  std::atomic<int64_t> next{0};
+  std::mutex mutex;
+  std::condition_variable finished;
+  int64_t done = 0;
+  std::string error;
+};
+
+void RunSplit(ffi::ThreadPool& pool, const Key& key, int64_t chunks, uint8_t* a, uint8_t* b,
+              uint8_t* out, size_t elem) {
+  const Kind kind = static_cast<Kind>(key[0]);
+  const int64_t n = key[2];
+  const size_t x_row = size_t(key[3] * key[4] * key[5]) * elem;
+  const size_t y_row = size_t(key[9] * key[10] * key[8]) * elem;
+  const size_t w_size = size_t(key[6] * key[7] * key[5] * key[8]);
+  std::vector<float> partial(kind == kBackwardWeights ? w_size * (chunks - 1) : 0);
+  auto state = std::make_shared<SplitState>();
+  auto work = [=, &partial]() {
+    if (omp_get_max_threads() != 1) omp_set_num_threads(1);
+    for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) {
+      const int64_t n0 = n * c / chunks, n1 = n * (c + 1) / chunks;
+      Key k = key;
+      k[2] = n1 - n0;
+      k[17] = 1;
+      std::string error;
+      try {
+        if (kind == kForward) {
+          Execute(k, a + n0 * x_row, b, out + n0 * y_row);
+        } else if (kind == kBackwardData) {
+          Execute(k, a + n0 * y_row, b, out + n0 * x_row);
+        } else {
+          void* dw = c == 0 ? static_cast<void*>(out) : partial.data() + (c - 1) * w_size;
+          Execute(k, a + n0 * x_row, b + n0 * y_row, dw);
+        }
+      } catch (const std::exception& e) {
+        error = Describe(e, key);
+      }
+      std::lock_guard<std::mutex> lock(state->mutex);
+      if (!error.empty() && state->error.empty()) state->error = error;
+      if (++state->done == chunks) state->finished.notify_all();
+    }
+  };
+  for (int64_t t = 1; t < chunks; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mutex);
+  state->finished.wait(lock, [&] { return state->done == chunks; });
+  if (!state->error.empty()) throw std::runtime_error(state->error);
+  if (kind == kBackwardWeights) {
+    float* dw = reinterpret_cast<float*>(out);
+    for (int64_t c = 0; c + 1 < chunks; ++c) {
+      const float* p = partial.data() + c * w_size;
+      for (size_t i = 0; i < w_size; ++i) dw[i] += p[i];
+    }
+  }
+}
+
+// The handler body for all three kinds: checks, then one oneDNN call on an OpenMP team of
+// `threads` (split <= 1), or `split` single-threaded slices on XLA's pool.
+ffi::Error Run(Kind kind, ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+               ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+               int64_t pl, int64_t pr, int64_t threads, int64_t split) {
   const auto type = a.element_type();
   if (type != b.element_type() || type != out->element_type()) {
     return ffi::Error::InvalidArgument("oneDNN conv: operands and result must share a dtype");
@@ -182,60 +293,34 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::A
   if ((x[1] + pt + pb - w[0]) / sh + 1 != y[1] || (x[2] + pl + pr - w[1]) / sw + 1 != y[2]) {
     return ffi::Error::InvalidArgument("oneDNN conv: output size does not match the geometry");
   }
-  if (threads > 0 && omp_get_max_threads() != threads) omp_set_num_threads(int(threads));
-  const Key key{kind, type == ffi::DataType::BF16 ? 1 : 0, x[0], x[1], x[2], x[3], w[0], w[1],
-                w[3], y[1], y[2], sh, sw, pt, pb, pl, pr, omp_get_max_threads()};
+  const bool bf16 = type == ffi::DataType::BF16;
+  const int64_t chunks = std::min<int64_t>(bf16 && kind == kBackwardWeights ? 1 : split, x[0]);
+  if (chunks <= 1 && threads > 0 && omp_get_max_threads() != threads) {
+    omp_set_num_threads(int(threads));
+  }
+  const Key key{kind, bf16 ? 1 : 0, x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2],
+                sh, sw, pt, pb, pl, pr, chunks > 1 ? 1 : omp_get_max_threads()};
   try {
-    auto conv = Get(key);
-    const Geometry g = GeometryOf(key);
-    const auto dt = key[1] ? memory::data_type::bf16 : memory::data_type::f32;
-    auto& engine = Engine();
-    auto& buf = Buffers();
-    const memory::desc src_md(g.src, dt, Tag::nhwc), dst_md(g.dst, dt, Tag::nhwc);
-    memory scratch(memory::desc({int64_t(conv->scratchpad_bytes)}, memory::data_type::u8,
-                                Tag::a),
-                   engine, Grow(buf.scratchpad, conv->scratchpad_bytes + 1));
-    // The weights as oneDNN wants them: the user's HWIO buffer, or a reordered copy.
-    void* user_w = kind == kBackwardWeights ? out->untyped_data() : b.untyped_data();
-    memory user_weights(conv->user_weights_md, engine, user_w);
-    memory weights = conv->needs_reorder
-        ? memory(conv->weights_md, engine, Grow(buf.weights, conv->weights_md.get_size()))
-        : user_weights;
-    if (conv->needs_reorder && kind != kBackwardWeights) {
-      conv->weights_reorder.execute(buf.stream, user_weights, weights);
-    }
-    if (kind == kForward) {
-      memory src(src_md, engine, a.untyped_data()), dst(dst_md, engine, out->untyped_data());
-      conv->prim.execute(buf.stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights},
-                                      {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
-    } else if (kind == kBackwardData) {
-      memory diff_dst(dst_md, engine, a.untyped_data());
-      memory diff_src(src_md, engine, out->untyped_data());
-      conv->prim.execute(buf.stream, {{DNNL_ARG_DIFF_DST, diff_dst}, {DNNL_ARG_WEIGHTS, weights},
-                                      {DNNL_ARG_DIFF_SRC, diff_src},
-                                      {DNNL_ARG_SCRATCHPAD, scratch}});
+    if (chunks > 1) {
+      RunSplit(pool, key, chunks, static_cast<uint8_t*>(a.untyped_data()),
+               static_cast<uint8_t*>(b.untyped_data()),
+               static_cast<uint8_t*>(out->untyped_data()), bf16 ? 2 : 4);
     } else {
-      memory src(src_md, engine, a.untyped_data()), diff_dst(dst_md, engine, b.untyped_data());
-      conv->prim.execute(buf.stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, diff_dst},
-                                      {DNNL_ARG_DIFF_WEIGHTS, weights},
-                                      {DNNL_ARG_SCRATCHPAD, scratch}});
-      if (conv->needs_reorder) conv->weights_reorder.execute(buf.stream, weights, user_weights);
+      Execute(key, a.untyped_data(), b.untyped_data(), out->untyped_data());
     }
-    buf.stream.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN conv: ") + e.what() +
-                                (key[1] ? " (no bfloat16 convolution on this CPU?)" : ""));
+  } catch (const std::runtime_error& e) {  // RunSplit's, already described
+    return ffi::Error::Internal(e.what());
   } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("oneDNN conv: ") + e.what());
+    return ffi::Error::Internal(Describe(e, key));
   }
   return ffi::Error::Success();
 }
 
 #define RESNET_JAX_CONV_HANDLER(name, kind)                                                  \
-  ffi::Error name##Impl(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> out, \
-                        int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,          \
-                        int64_t pr, int64_t threads) {                                       \
-    return Run(kind, a, b, out, sh, sw, pt, pb, pl, pr, threads);                            \
+  ffi::Error name##Impl(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,            \
+                        ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw, int64_t pt, \
+                        int64_t pb, int64_t pl, int64_t pr, int64_t threads, int64_t split) { \
+    return Run(kind, pool, a, b, out, sh, sw, pt, pb, pl, pr, threads, split);               \
   }
 
 RESNET_JAX_CONV_HANDLER(ConvForward, kForward)
@@ -246,6 +331,7 @@ RESNET_JAX_CONV_HANDLER(ConvBackwardWeights, kBackwardWeights)
 
 #define RESNET_JAX_BIND                                                                      \
   ffi::Ffi::Bind()                                                                           \
+      .Ctx<ffi::ThreadPool>()                                                                \
       .Arg<ffi::AnyBuffer>()                                                                 \
       .Arg<ffi::AnyBuffer>()                                                                 \
       .Ret<ffi::AnyBuffer>()                                                                 \
@@ -255,7 +341,8 @@ RESNET_JAX_CONV_HANDLER(ConvBackwardWeights, kBackwardWeights)
       .Attr<int64_t>("pad_bottom")                                                           \
       .Attr<int64_t>("pad_left")                                                             \
       .Attr<int64_t>("pad_right")                                                            \
-      .Attr<int64_t>("threads")
+      .Attr<int64_t>("threads")                                                              \
+      .Attr<int64_t>("split")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(resnet_jax_onednn_conv_fwd, ConvForwardImpl, RESNET_JAX_BIND);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(resnet_jax_onednn_conv_bwd_data, ConvBackwardDataImpl,

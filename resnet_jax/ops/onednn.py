@@ -40,6 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from resnet_jax.errors import ExtensionUnavailable
 
@@ -159,16 +162,95 @@ def threads_per_call() -> int:
     return max(1, cores // max(1, len(jax.local_devices(backend="cpu"))))
 
 
-def _call(name: str, a: jax.Array, b: jax.Array, out_shape: tuple[int, ...],
-          strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> jax.Array:
+def _ffi(name: str, a: jax.Array, b: jax.Array, out_shape: tuple[int, ...],
+         strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> jax.Array:
     load()
     (pt, pb), (pl, pr) = padding
+    split = int(os.environ.get("RESNET_JAX_ONEDNN_SPLIT", "0"))
     attrs = dict(stride_h=strides[0], stride_w=strides[1], pad_top=pt, pad_bottom=pb,
-                 pad_left=pl, pad_right=pr, threads=threads_per_call())
+                 pad_left=pl, pad_right=pr, threads=threads_per_call(), split=split)
     return jax.ffi.ffi_call(
         f"resnet_jax_onednn_{name}", jax.ShapeDtypeStruct(out_shape, a.dtype),
-        vmap_method="sequential",
+        vmap_method="sequential",  # not reached: _call's vmap rule comes first
     )(a, b, **{k: np.int64(v) for k, v in attrs.items()})
+
+
+# Under jit over a device mesh (parallel="jit" with several CPU devices) each call runs on its
+# shard of the batch, as XLA's convolution does: the batch dimension ("n") of the activations
+# is split like the input's, the kernel is replicated, and the weight gradient (a sum over the
+# batch) is summed over the devices. Without these rules XLA would gather the whole batch onto
+# every device and repeat the work there.
+_RULES = {
+    "conv_fwd": "n h w c, i j c o -> n p q o",  # (x, w) -> y
+    "conv_bwd_data": "n p q o, i j c o -> n h w c",  # (dy, w) -> dx
+    "conv_bwd_weights": "n h w c, n p q o -> i j c o",  # (x, dy) -> dw
+}
+
+
+def _batch_axes(sharding: Any) -> Any:
+    spec = getattr(sharding, "spec", None)
+    return spec[0] if spec else None
+
+
+def _partitioned(name: str) -> Any:
+    def call(a, b, out_shape, strides, padding):
+        return _ffi(name, a, b, out_shape, strides, padding)
+
+    fn = custom_partitioning(call, static_argnums=(2, 3, 4))
+    reduces = name == "conv_bwd_weights"
+
+    def shardings(mesh, arg_shapes):
+        axes = _batch_axes(arg_shapes[0].sharding)
+        batch = NamedSharding(mesh, P(axes))
+        args = (batch, batch if reduces else NamedSharding(mesh, P()))
+        return axes, args, NamedSharding(mesh, P() if reduces else P(axes))
+
+    def infer(out_shape, strides, padding, mesh, arg_shapes, result_shape):
+        return shardings(mesh, arg_shapes)[2]
+
+    def partition(out_shape, strides, padding, mesh, arg_shapes, result_shape):
+        axes, args, result = shardings(mesh, arg_shapes)
+
+        def lower(a, b):
+            local = out_shape if reduces else (a.shape[0], *out_shape[1:])
+            y = _ffi(name, a, b, local, strides, padding)
+            return jax.lax.psum(y, axes) if reduces and axes is not None else y
+
+        return mesh, lower, result, args
+
+    fn.def_partition(partition, infer_sharding_from_operands=infer, sharding_rule=_RULES[name],
+                     reduction_factors=("n",) if reduces else ())
+    return fn
+
+
+_CALLS = {name: _partitioned(name) for name in _TARGETS}
+
+
+def _call(name: str, a: jax.Array, b: jax.Array, out_shape: tuple[int, ...],
+          strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> jax.Array:
+    """One FFI call (partitioned over a mesh) with a vmap rule: a vmapped batch of
+    activations under one kernel folds into the call's own batch (one call); anything else
+    (per-example weight gradients, batched kernels) runs one call per element (``lax.map``)."""
+    load()  # register the targets before anything is lowered
+    out_shape = tuple(out_shape)
+
+    @jax.custom_batching.custom_vmap
+    def call(a, b):
+        return _CALLS[name](a, b, out_shape, strides, padding)
+
+    @call.def_vmap
+    def rule(axis_size, in_batched, a, b):
+        a_batched, b_batched = in_batched
+        if name != "conv_bwd_weights" and a_batched and not b_batched:
+            n = a.shape[1]
+            y = _call(name, a.reshape(axis_size * n, *a.shape[2:]), b,
+                      (axis_size * n, *out_shape[1:]), strides, padding)
+            return y.reshape(axis_size, n, *y.shape[1:]), True
+        a = a if a_batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+        b = b if b_batched else jnp.broadcast_to(b, (axis_size, *b.shape))
+        return lax.map(lambda ab: _call(name, *ab, out_shape, strides, padding), (a, b)), True
+
+    return call(a, b)
 
 
 def _xla(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
