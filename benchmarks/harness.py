@@ -38,6 +38,13 @@ CONV_IMPLS = ("xla", "onednn")
 # PASSIVE: the torch worker gets this one (see Worker).
 OMP_WAIT_POLICY_AT_START = os.environ.get("OMP_WAIT_POLICY")
 
+# As train.py does (config.keep_freed_memory): glibc keeps freed memory, so per-step buffers do
+# not page-fault afresh. Here at import, before any program starts a JAX CPU client, in this
+# process and in the torch worker alike (which imports this module too).
+from resnet_jax.parallel import keep_freed_memory  # noqa: E402
+
+KEEP_FREED_MEMORY = keep_freed_memory()
+
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
     """The flags shared by train_step.py and eval_step.py."""
@@ -394,6 +401,8 @@ def report(
         "cpu_devices": args.cpu_devices,
         "conv": getattr(args, "conv", "xla"),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "keep_freed_memory": KEEP_FREED_MEMORY,
+        "onednn_threading": os.environ.get("RESNET_JAX_ONEDNN_THREADING", "pool"),
         **m,
         "compile_seconds": round(timing.compile_seconds, 3),
         "first_call_seconds": round(timing.first_call_seconds, 3),

@@ -23,7 +23,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 RESUME_SAFE_FIELDS = (
     "num_train_steps", "num_epochs", "eval_every_steps", "log_every_steps",
     "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "parallel", "cpu_devices",
-    "distributed", "profile_steps", "conv",
+    "distributed", "profile_steps", "conv", "keep_freed_memory",
     "data.archive", "data.data_dir", "data.manual_dir", "data.download", "data.tfds_eval_split",
     "data.eval_protocol", "data.eval_resize", "data.multi_scale_sizes", "data.prefetch",
     "data.workers", "data.on_device",
@@ -165,6 +165,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.cpu_devices = 0  # N > 0: split the host CPU into N devices (one per core is fastest)
     c.dtype = "float32"  # compute dtype; params, BN statistics, loss and optimiser stay float32;
     #   "float16" adds dynamic loss scaling (GPUs without fast bfloat16)
+    c.keep_freed_memory = True  # glibc keeps freed memory for reuse: XLA:CPU's per-step
+    #   buffers stop page-faulting (1.2-1.4x on CPU; parallel.keep_freed_memory)
     c.conv = "xla"  # "xla" | "onednn": oneDNN convolutions on CPU (the [onednn] extra; GPU/TPU
     #   keep XLA's). How the step runs, not what it computes: may change on resume.
 

@@ -183,6 +183,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     errors (raw and, when saved, EMA) and appends ``{"step", "dataset", "eval_protocol",
     "test_*"}`` to ``workdir/eval.jsonl`` (process 0). Returns the test scalars and ``"step"``.
     """
+    if config.get("keep_freed_memory", True):
+        parallel.keep_freed_memory()  # before JAX's CPU client exists
     config_lib.validate(config)
     parallel.initialize_distributed(config)
     parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")

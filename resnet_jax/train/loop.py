@@ -66,6 +66,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Config errors are raised as one-line ValueErrors before anything is compiled. Returns the
     last logged training and test scalars.
     """
+    if config.get("keep_freed_memory", True):
+        parallel.keep_freed_memory()  # before JAX's CPU client exists
     config_lib.validate(config)
     parallel.set_cpu_devices(config.cpu_devices)
     parallel.initialize_distributed(config)
