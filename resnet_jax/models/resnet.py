@@ -45,6 +45,8 @@ from resnet_jax.models.blocks import (
 )
 from resnet_jax.models.conv import conv_function
 from resnet_jax.models.conv import conv_general_dilated as canonical_grad_conv
+from resnet_jax.ops import norm as fast_norm
+from resnet_jax.ops import pool as fast_pool
 
 Array = Any
 
@@ -75,6 +77,7 @@ class Stem(nn.Module):
     conv: ModuleDef
     norm: ModuleDef
     act: Callable[[Array], Array]
+    pool: Callable[..., Array] = nn.max_pool
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -83,7 +86,7 @@ class Stem(nn.Module):
             return self.act(self.norm(name="bn")(x))
         x = self.conv(self.features, (7, 7), (2, 2), padding=pad_for(7), name="conv")(x)
         x = self.act(self.norm(name="bn")(x))
-        return nn.max_pool(x, (3, 3), strides=(2, 2), padding=pad_for(3))
+        return self.pool(x, (3, 3), strides=(2, 2), padding=pad_for(3))
 
 
 class Stage(nn.Module):
@@ -95,6 +98,7 @@ class Stage(nn.Module):
     strides: int
     scan_blocks: bool
     scan_block: ModuleDef | None = None  # the block used inside the scan (default: ``block``)
+    unroll: bool = False  # emit the scanned blocks as straight-line code (same parameters)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -115,6 +119,7 @@ class Stage(nn.Module):
             variable_axes={"params": 0, "batch_stats": 0, "intermediates": 0},
             split_rngs={True: True},  # every RNG stream (params, dropout, stochastic depth)
             length=rest,
+            unroll=rest if self.unroll else 1,
         )
         block = self.scan_block or self.block
         x, _ = scanned(block(features=self.features, strides=1, name="blocks"), x, None)
@@ -201,8 +206,12 @@ class ResNet(nn.Module):
             param_dtype=self.param_dtype,
             **({} if conv_fn is None else {"conv_general_dilated": conv_fn}),
         )
+        # conv_impl="onednn" is the CPU fast path: oneDNN convolutions, batch norm with a
+        # closed-form backward, a max pool with a cheap backward and the scanned blocks emitted
+        # as straight-line code; the same function and parameters (tests/test_onednn.py).
+        fast = self.conv_impl == "onednn"
         norm = functools.partial(
-            nn.BatchNorm,
+            fast_norm.BatchNorm if fast else nn.BatchNorm,
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
@@ -228,7 +237,8 @@ class ResNet(nn.Module):
         parts = dict(conv=conv, norm=norm, act=self.act, dtype=self.dtype,
                      param_dtype=self.param_dtype)
         if isinstance(self.stem, str):
-            x = Stem(self.stem, self.width, conv, norm, self.act, name="stem")(x)
+            x = Stem(self.stem, self.width, conv, norm, self.act,
+                     fast_pool.flax_max_pool if fast else nn.max_pool, name="stem")(x)
         else:
             x = self.stem(**_declared(self.stem, {"features": self.width, **parts}),
                           name="stem")(x)
@@ -240,6 +250,7 @@ class ResNet(nn.Module):
                 1 if k == 0 else 2,
                 self.scan_blocks,
                 scan_block,
+                unroll=fast,
                 name=f"stage{k + 1}",
             )(x)
             features[f"stage{k + 1}"] = x

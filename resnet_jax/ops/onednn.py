@@ -14,11 +14,14 @@ The library is built once per (source, jaxlib, oneDNN, compiler) into a cache di
 ahead of time, and the first use does it otherwise. On GPU/TPU the same function lowers to
 XLA's convolution (``lax.platform_dependent``), so a config that says "onednn" still runs there.
 
-Threads: oneDNN here is built on GNU OpenMP. Each call sets its OpenMP team to the host's cores
-divided by the local CPU devices (``cpu_devices``), so one device per core runs single-threaded
-oneDNN calls side by side instead of oversubscribing (``OMP_NUM_THREADS``, where set, rules
-instead); ``OMP_WAIT_POLICY`` defaults to PASSIVE so idle OpenMP threads sleep rather than spin
-against XLA's own threads.
+Threads (``RESNET_JAX_ONEDNN_THREADING``): "pool" (default) splits each call's batch into
+single-threaded oneDNN slices run on XLA's own intra-op thread pool (the FFI thread-pool
+context) and the calling thread, as many slices as the host's cores divided by its CPU devices,
+so oneDNN never starts threads of its own beside XLA's; "openmp" runs one call on a GNU OpenMP
+team of that many threads (``OMP_NUM_THREADS``, where set, rules; ``OMP_WAIT_POLICY`` defaults
+to PASSIVE so idle OpenMP threads sleep rather than spin against XLA's). Measured in
+benchmarks/RESULTS.md: "pool" is as fast or faster. Under ``jit`` over several devices each
+call runs on its shard of the batch (``custom_partitioning``).
 """
 
 from __future__ import annotations
@@ -153,6 +156,17 @@ def describe() -> str:
     return load().resnet_jax_onednn_describe().decode()
 
 
+THREADING = ("pool", "openmp")
+
+
+def threading_mode() -> str:
+    """``RESNET_JAX_ONEDNN_THREADING``: "pool" (default) or "openmp" (read when tracing)."""
+    mode = os.environ.get("RESNET_JAX_ONEDNN_THREADING", "pool")
+    if mode not in THREADING:
+        raise ValueError(f"RESNET_JAX_ONEDNN_THREADING={mode!r} is not one of {THREADING}.")
+    return mode
+
+
 def threads_per_call() -> int:
     """The host's cores divided among its CPU devices (one device per core: 1 thread each);
     0 (OpenMP's own choice) where ``OMP_NUM_THREADS`` is set, so that setting rules."""
@@ -162,13 +176,22 @@ def threads_per_call() -> int:
     return max(1, cores // max(1, len(jax.local_devices(backend="cpu"))))
 
 
+def _threading_attrs() -> dict[str, int]:
+    """"pool": the batch in ``threads_per_call()`` single-threaded slices on XLA's own thread
+    pool (one device per core: one slice, on the device's thread); "openmp": one call on an
+    OpenMP team of that many threads."""
+    threads = threads_per_call()
+    if threading_mode() == "openmp":
+        return {"threads": threads, "split": 0}
+    return {"threads": 1, "split": threads or len(os.sched_getaffinity(0))}
+
+
 def _ffi(name: str, a: jax.Array, b: jax.Array, out_shape: tuple[int, ...],
          strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> jax.Array:
     load()
     (pt, pb), (pl, pr) = padding
-    split = int(os.environ.get("RESNET_JAX_ONEDNN_SPLIT", "0"))
     attrs = dict(stride_h=strides[0], stride_w=strides[1], pad_top=pt, pad_bottom=pb,
-                 pad_left=pl, pad_right=pr, threads=threads_per_call(), split=split)
+                 pad_left=pl, pad_right=pr, **_threading_attrs())
     return jax.ffi.ffi_call(
         f"resnet_jax_onednn_{name}", jax.ShapeDtypeStruct(out_shape, a.dtype),
         vmap_method="sequential",  # not reached: _call's vmap rule comes first
