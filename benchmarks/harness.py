@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from resnet_jax.parallel import keep_freed_memory
+
 BASELINES = ("plain", "torch", "xla")
 CONV_IMPLS = ("xla", "onednn")
 # OpenMP's wait policy as this process was started, before resnet_jax.ops.onednn defaults it to
@@ -41,8 +43,6 @@ OMP_WAIT_POLICY_AT_START = os.environ.get("OMP_WAIT_POLICY")
 # As train.py does (config.keep_freed_memory): glibc keeps freed memory, so per-step buffers do
 # not page-fault afresh. Here at import, before any program starts a JAX CPU client, in this
 # process and in the torch worker alike (which imports this module too).
-from resnet_jax.parallel import keep_freed_memory  # noqa: E402
-
 KEEP_FREED_MEMORY = keep_freed_memory()
 
 

@@ -153,6 +153,9 @@ def test_both_threading_modes_equal_lax_for_any_batch_split(
     g = jnp.asarray(rng.standard_normal(y_ref.shape, dtype=np.float32))
     for a, b in zip((y, *vjp(g)), (y_ref, *vjp_ref(g)), strict=True):
         assert _rel(a, b) <= 1e-5
+    text = jax.jit(lambda x, w: ours(x, w)).lower(x, w).as_text()  # the mode reaches the call
+    wanted = ("split = 2", "threads = 1") if mode == "pool" else ("split = 0", "threads = 2")
+    assert all(w in text for w in wanted), wanted
     monkeypatch.setenv("RESNET_JAX_ONEDNN_THREADING", "tbb")
     with pytest.raises(ValueError, match="RESNET_JAX_ONEDNN_THREADING"):
         jax.jit(lambda x, w: ours(x, w))(x, w)

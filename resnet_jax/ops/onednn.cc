@@ -209,6 +209,11 @@ std::string Describe(const std::exception& e, const Key& key) {
 // own intra-op thread pool (the FFI's thread-pool context) and on the calling thread, which
 // claims slices too (so it never waits on a pool busy elsewhere, and cannot deadlock). The
 // weight gradient sums the slices' partial gradients (float32 only; see Run).
+// A slice's failure, already described; rethrown on the calling thread.
+struct SliceError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 struct SplitState {
   std::atomic<int64_t> next{0};
   std::mutex mutex;
@@ -255,7 +260,7 @@ void RunSplit(ffi::ThreadPool& pool, const Key& key, int64_t chunks, uint8_t* a,
   work();
   std::unique_lock<std::mutex> lock(state->mutex);
   state->finished.wait(lock, [&] { return state->done == chunks; });
-  if (!state->error.empty()) throw std::runtime_error(state->error);
+  if (!state->error.empty()) throw SliceError(state->error);
   if (kind == kBackwardWeights) {
     float* dw = reinterpret_cast<float*>(out);
     for (int64_t c = 0; c + 1 < chunks; ++c) {
@@ -308,7 +313,7 @@ ffi::Error Run(Kind kind, ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer
     } else {
       Execute(key, a.untyped_data(), b.untyped_data(), out->untyped_data());
     }
-  } catch (const std::runtime_error& e) {  // RunSplit's, already described
+  } catch (const SliceError& e) {
     return ffi::Error::Internal(e.what());
   } catch (const std::exception& e) {
     return ffi::Error::Internal(Describe(e, key));

@@ -1,6 +1,6 @@
 """oneDNN convolutions for XLA:CPU through the XLA FFI (``conv_impl="onednn"``, ``--config.conv``).
 
-jaxlib runs CPU convolutions through its own kernels, at 0.3-0.8x of oneDNN (PyTorch's CPU
+jaxlib runs CPU convolutions through its own kernels, at 0.1-0.9x of oneDNN (PyTorch's CPU
 library) per op (benchmarks/RESULTS.md). This module compiles ``onednn.cc`` (three FFI handlers:
 forward, input gradient, weight gradient) against the oneDNN of the ``[onednn]`` extra and the
 FFI headers of the running jaxlib, registers them for the CPU platform, and exposes
@@ -56,20 +56,17 @@ _TARGETS = ("conv_fwd", "conv_bwd_data", "conv_bwd_weights")
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 
-OneDNNUnavailable = ExtensionUnavailable  # the extension cannot be built or loaded here
-
-
 def _dist_file(dist: str, suffix: str) -> Path:
     try:
         files = importlib.metadata.files(dist) or []
     except importlib.metadata.PackageNotFoundError:
-        raise OneDNNUnavailable(
+        raise ExtensionUnavailable(
             f"conv='onednn' needs the oneDNN extra ({dist} is not installed): run {EXTRA}"
         ) from None
     for f in files:
         if str(f).endswith(suffix):
             return Path(f.locate()).resolve()
-    raise OneDNNUnavailable(f"{dist} is installed but has no {suffix}; reinstall it: {EXTRA}")
+    raise ExtensionUnavailable(f"{dist} is installed but has no {suffix}; reinstall it: {EXTRA}")
 
 
 def _toolchain() -> tuple[Path, Path, Path, str]:
@@ -78,7 +75,7 @@ def _toolchain() -> tuple[Path, Path, Path, str]:
     lib = _dist_file("onednn-cpu-gomp", "libdnnl.so.3")
     cxx = os.environ.get("CXX", "g++")
     if shutil.which(cxx) is None:
-        raise OneDNNUnavailable(
+        raise ExtensionUnavailable(
             f"no C++ compiler {cxx!r} to build the oneDNN extension; install g++ "
             "(Debian/Ubuntu: apt install g++) or point CXX at one"
         )
@@ -120,7 +117,7 @@ def build(verbose: bool = False) -> Path:
             log = out_dir / f"build-{key}.log"
             log.write_text(done.stdout + done.stderr)
             tmp.unlink(missing_ok=True)
-            raise OneDNNUnavailable(
+            raise ExtensionUnavailable(
                 f"building the oneDNN extension failed ({cxx} exit {done.returncode}); "
                 f"compiler output in {log}"
             )
@@ -143,10 +140,10 @@ def load() -> ctypes.CDLL:
 
 
 def available() -> bool:
-    """Whether the extension builds and loads here (False only for :class:`OneDNNUnavailable`)."""
+    """Whether the extension builds and loads here (False for :class:`ExtensionUnavailable`)."""
     try:
         load()
-    except OneDNNUnavailable:
+    except ExtensionUnavailable:
         return False
     return True
 
@@ -168,10 +165,7 @@ def threading_mode() -> str:
 
 
 def threads_per_call() -> int:
-    """The host's cores divided among its CPU devices (one device per core: 1 thread each);
-    0 (OpenMP's own choice) where ``OMP_NUM_THREADS`` is set, so that setting rules."""
-    if os.environ.get("OMP_NUM_THREADS"):
-        return 0
+    """The host's cores divided among its CPU devices (one device per core: 1 thread each)."""
     cores = len(os.sched_getaffinity(0))
     return max(1, cores // max(1, len(jax.local_devices(backend="cpu"))))
 
@@ -179,16 +173,16 @@ def threads_per_call() -> int:
 def _threading_attrs() -> dict[str, int]:
     """"pool": the batch in ``threads_per_call()`` single-threaded slices on XLA's own thread
     pool (one device per core: one slice, on the device's thread); "openmp": one call on an
-    OpenMP team of that many threads."""
-    threads = threads_per_call()
+    OpenMP team of that many threads (0, OpenMP's own choice, where ``OMP_NUM_THREADS`` is
+    set, so that setting rules)."""
     if threading_mode() == "openmp":
-        return {"threads": threads, "split": 0}
-    return {"threads": 1, "split": threads or len(os.sched_getaffinity(0))}
+        return {"threads": 0 if os.environ.get("OMP_NUM_THREADS") else threads_per_call(),
+                "split": 0}
+    return {"threads": 1, "split": threads_per_call()}
 
 
 def _ffi(name: str, a: jax.Array, b: jax.Array, out_shape: tuple[int, ...],
          strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> jax.Array:
-    load()
     (pt, pb), (pl, pr) = padding
     attrs = dict(stride_h=strides[0], stride_w=strides[1], pad_top=pt, pad_bottom=pb,
                  pad_left=pl, pad_right=pr, **_threading_attrs())
@@ -368,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = build(verbose=True)
         print(f"{path}\n{describe()}")
-    except OneDNNUnavailable as e:
+    except ExtensionUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
