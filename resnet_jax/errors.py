@@ -13,11 +13,20 @@ import signal
 EXIT_CONFIG = 2  # config, usage or data error, before anything is compiled; another model/config
 EXIT_DIVERGED = 3  # non-finite loss or state; the newest checkpoint is the last good one
 EXIT_NO_CHECKPOINT = 4  # no readable checkpoint (all damaged, or none for --mode eval)
+EXIT_BUSY = 5  # another run holds the workdir (its lock is live); nothing was touched
 EXIT_SIGTERM = 128 + signal.SIGTERM  # 143: stopped by SIGTERM after saving (resumable)
 EXIT_SIGINT = 128 + signal.SIGINT  # 130: stopped by SIGINT (Ctrl-C) after saving (resumable)
 
 
-class CheckpointMismatch(ValueError):
+class ConfigError(ValueError):
+    """What validation checks: a bad config value, model field, option combination or usage.
+
+    Only this family (and the data and checkpoint errors) is printed as one line with exit 2;
+    any other exception, a fork's shape bug included, keeps its traceback.
+    """
+
+
+class CheckpointMismatch(ConfigError):
     """The checkpoint was written for another model, state or config than the one running."""
 
 
@@ -29,7 +38,7 @@ class CheckpointNotFound(FileNotFoundError):
     """The workdir has no checkpoint (or not the step asked for)."""
 
 
-class ExtensionUnavailable(ValueError):
+class ExtensionUnavailable(ConfigError):
     """An optional compiled extension (the ``[onednn]`` extra) cannot be built or loaded here."""
 
 
