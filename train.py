@@ -12,13 +12,18 @@ appends to ``workdir/eval.jsonl``; ``resnet_jax/train/evaluate.py``).
 
 Exit status:
   0    done.
-  2    config error (unknown model or dataset, bad value, batch not divisible by the devices:
-       before anything is compiled; or a checkpoint of another model/config in the workdir),
-       printed as one line.
+  1    a bug, e.g. a fork's block that breaks while tracing (a shape error JAX raises as
+       ValueError included): Python's traceback, naming the file and line.
+  2    config or data error (``errors.ConfigError``, ``data.DataError``: unknown model or
+       dataset, bad value, batch not divisible by the devices, a missing archive: before
+       anything is compiled; or a checkpoint of another model/config in the workdir), printed
+       as one line.
   3    non-finite loss or state; the message names the step; the newest checkpoint is the last
        good one (``errors.EXIT_DIVERGED``).
   4    no readable checkpoint (all damaged, or none for ``--mode eval``;
        ``errors.EXIT_NO_CHECKPOINT``).
+  5    another run holds the workdir (its lock, ``workdir/.lock``, is live; one run per
+       workdir, ``--mode eval`` included); nothing was touched (``errors.EXIT_BUSY``).
   143  SIGTERM (130: SIGINT): the current step was finished and saved, rerun to resume
        (128 + signal number, ``errors.EXIT_SIGTERM`` / ``EXIT_SIGINT``). A second signal
        kills the process at once.
@@ -28,6 +33,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from resnet_jax import cli
+from resnet_jax.train import config as config_lib
 from resnet_jax.train.evaluate import evaluate_checkpoint
 from resnet_jax.train.loop import train_and_evaluate
 
@@ -44,6 +50,9 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO; -v 0 shows it
     with cli.exit_on_error():
+        # The run's length given on the command line wins over the config file's other unit.
+        config_lib.length_from_overrides(
+            flags.FLAGS.config, config_flags.get_override_values(flags.FLAGS["config"]))
         if flags.FLAGS.mode == "eval":
             evaluate_checkpoint(flags.FLAGS.config, flags.FLAGS.workdir)
         else:

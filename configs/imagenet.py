@@ -45,8 +45,8 @@ def get_config(arch: str = "resnet50") -> ml_collections.ConfigDict:
     c.dataset = "imagenet2012"
     c.batch_size = 256
     c.eval_batch_size = 256  # a power of two splits over any power-of-two device count
-    c.num_epochs = 90.0  # overrides num_train_steps (steps = epochs * num_train / batch_size)
-    c.num_train_steps = round(90 * IMAGENET_TRAIN_IMAGES / 256)
+    c.num_epochs = 90.0  # the run's length: round(90 * num_train / batch_size) steps
+    c.num_train_steps = -1  # from num_epochs; --config.num_train_steps=N alone runs N steps
     c.learning_rate = 0.1
     c.schedule = "piecewise"
     c.lr_boundaries = (30, 60)

@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from resnet_jax import models
+from resnet_jax.errors import CheckpointMismatch, ConfigError
 from resnet_jax.models.resnet import IMAGENET_STAGES
 
 _BN = {"weight": ("params", "scale"), "bias": ("params", "bias"),
@@ -55,7 +56,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
         isinstance(v, torch.Tensor) for v in state_dict.values()
     ):
         keys = list(state_dict)[:5] if isinstance(state_dict, Mapping) else type(state_dict)
-        raise ValueError(
+        raise ConfigError(
             f"{path} is not a state_dict of tensors (top level: {keys}); save "
             "model.state_dict() or pass the state_dict inside your checkpoint."
         )
@@ -82,12 +83,12 @@ def torchvision_architecture(state_dict: Mapping[str, Any]) -> tuple[str, dict[s
     depths = [d for d, (stage_sizes, block_cls) in IMAGENET_STAGES.items()
               if stage_sizes == sizes and (block_cls is models.BottleneckBlock) == bottleneck]
     if not depths:
-        raise ValueError(
+        raise ConfigError(
             f"blocks per layer {sizes} ({'bottleneck' if bottleneck else 'basic'}) is not a "
             f"torchvision ResNet-18/34/50/101/152; Table 1 depths: {sorted(IMAGENET_STAGES)}."
         )
     if "fc.weight" not in sd:
-        raise ValueError("state_dict has no 'fc.weight'; is this a torchvision ResNet?")
+        raise ConfigError("state_dict has no 'fc.weight'; is this a torchvision ResNet?")
     overrides: dict[str, Any] = {"num_classes": int(np.shape(sd["fc.weight"])[0])}
     if bottleneck:
         overrides["stride_in"] = "3x3"  # torchvision's v1.5 bottleneck
@@ -117,15 +118,15 @@ def _target(key: str) -> tuple[str, tuple[str, ...], str] | None:
         elif len(rest) == 1 and rest[0][:-1] in ("conv", "bn"):
             module, kind = (*block, rest[0]), rest[0][:-1]
         else:
-            raise ValueError(f"unexpected torchvision key {key!r}.")
+            raise ConfigError(f"unexpected torchvision key {key!r}.")
     else:
-        raise ValueError(f"unexpected torchvision key {key!r}.")
+        raise ConfigError(f"unexpected torchvision key {key!r}.")
     if kind == "conv":
         if leaf != "weight":
-            raise ValueError(f"unexpected torchvision key {key!r} (convs have no bias here).")
+            raise ConfigError(f"unexpected torchvision key {key!r} (convs have no bias here).")
         return "params", (*module, "kernel"), "conv"
     if leaf not in _BN:
-        raise ValueError(f"unexpected torchvision key {key!r}.")
+        raise ConfigError(f"unexpected torchvision key {key!r}.")
     collection, field = _BN[leaf]
     return collection, (*module, field), "vector"
 
@@ -157,16 +158,17 @@ def from_torchvision(state_dict: Mapping[str, Any]) -> tuple[Any, dict[str, Any]
             array = array.T
         full = (collection, *path)
         if full not in expected:
-            raise ValueError(f"torchvision key {key!r} maps to {'/'.join(full)}, which "
-                             f"{name} does not have.")
+            raise CheckpointMismatch(f"torchvision key {key!r} maps to {'/'.join(full)}, which "
+                                     f"{name} does not have.")
         if array.shape != expected[full].shape:
-            raise ValueError(f"torchvision key {key!r} has shape {np.shape(value)}, but "
-                             f"{'/'.join(full)} needs {expected[full].shape} (after layout).")
+            raise CheckpointMismatch(
+                f"torchvision key {key!r} has shape {np.shape(value)}, but {'/'.join(full)} "
+                f"needs {expected[full].shape} (after layout).")
         filled[full] = array
     missing = sorted("/".join(p) for p in expected if p not in filled)
     if missing:
-        raise ValueError(f"state_dict lacks {len(missing)} variable(s) of {name}, e.g. "
-                         f"{missing[0]}.")
+        raise CheckpointMismatch(f"state_dict lacks {len(missing)} variable(s) of {name}, e.g. "
+                                 f"{missing[0]}.")
 
     variables: dict[str, Any] = {}
     for (collection, *path), array in filled.items():

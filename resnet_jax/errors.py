@@ -1,9 +1,13 @@
 """Every expected failure of the library and the exit status each one maps to.
 
-A leaf module (standard library only), so persistence, the training policy and the command-line
-entry points share one list. ``resnet_jax.cli.exit_on_error`` prints the message as one line and
-exits with :func:`exit_code`; ``resnet_jax.data.DataError`` (data's own) maps to
-:data:`EXIT_CONFIG`.
+A leaf module (standard library only), so persistence, the data layer, the training policy and
+the command-line entry points share one list. ``resnet_jax.cli.exit_on_error`` prints an expected
+failure as one line and exits with :func:`exit_code`: what validation checks (:class:`ConfigError`
+and its subclasses, :class:`DataError`) exits :data:`EXIT_CONFIG`, the checkpoint errors
+:data:`EXIT_NO_CHECKPOINT` (or :data:`EXIT_CONFIG` for a mismatch), a busy workdir
+:data:`EXIT_BUSY`. Every other exception, a plain ``ValueError``, ``TypeError`` or
+``FileNotFoundError`` from a fork's module included, is a bug: it keeps its traceback and
+Python's exit status 1.
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ class ConfigError(ValueError):
     """
 
 
+class DataError(RuntimeError):
+    """A dataset or archive is missing or unreadable; the message says how to provide it.
+
+    Raised by ``resnet_jax.data`` (and exported there as ``resnet_jax.data.DataError``).
+    """
+
+
 class CheckpointMismatch(ConfigError):
     """The checkpoint was written for another model, state or config than the one running."""
 
@@ -40,6 +51,10 @@ class CheckpointNotFound(FileNotFoundError):
 
 class ExtensionUnavailable(ConfigError):
     """An optional compiled extension (the ``[onednn]`` extra) cannot be built or loaded here."""
+
+
+class WorkdirBusy(ConfigError):
+    """Another live run holds the workdir's lock (``resnet_jax.train.workdir``); exit 5."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -72,13 +87,22 @@ class CommandFailed(RuntimeError):
 
 
 def exit_code(error: BaseException) -> int | None:
-    """The exit status of an expected failure; None for an unexpected one (a bug: traceback)."""
+    """The exit status of an expected failure; None for anything else (a bug: keep its traceback).
+
+    Expected: :class:`ConfigError` (subclasses included) and :class:`DataError` (2), the
+    checkpoint errors (4; a mismatch is a ConfigError), a divergence (3), a busy workdir (5),
+    and the failures that carry their own status (:class:`CommandFailed`, :class:`Preempted`).
+    A plain ``ValueError`` or ``FileNotFoundError`` is not one: JAX raises those for a fork's
+    shape bug.
+    """
     if isinstance(error, CheckpointDamaged | CheckpointNotFound):
         return EXIT_NO_CHECKPOINT
     if isinstance(error, TrainingDiverged):
         return EXIT_DIVERGED
     if isinstance(error, CommandFailed | Preempted):
         return error.exit_code
-    if isinstance(error, ValueError | FileNotFoundError):
+    if isinstance(error, WorkdirBusy):
+        return EXIT_BUSY
+    if isinstance(error, ConfigError | DataError):
         return EXIT_CONFIG
     return None

@@ -14,6 +14,10 @@ anywhere jax runs, without this package::
 (CIFAR: the 32x32 image; ImageNet: shorter side resized to ``eval_resize``, centre crop) and
 subtracts the training mean inside, as the training step does. ``--input float32``: it takes
 ``(pixels - mean) / 255`` (the mean is in model.json).
+
+The mean and the recipe come from the checkpoint (``resnet_jax.load``'s ``preprocess``): no
+dataset is opened. ``--archive`` / ``--data_dir`` only serve a checkpoint written before it
+recorded them, whose mean is recomputed from the data.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,10 +34,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from resnet_jax import cli, data
+from resnet_jax import cli
+from resnet_jax.errors import ConfigError
 from resnet_jax.train import config as config_lib
 from resnet_jax.train.evaluate import load_run
-from resnet_jax.train.preprocess import preprocess
 
 INPUTS = ("uint8", "float32")
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -43,59 +48,70 @@ def export_run(workdir: str, out: str, *, step: int | None = None, ema: bool = F
                data_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Exports the checkpoint of ``workdir`` (newest, or ``step``; ``ema``: the average) into
     the folder ``out``; returns what ``model.json`` holds. ``data_overrides`` set
-    ``config.data`` fields (where the dataset is now) for the training mean."""
+    ``config.data`` fields (where the dataset is now) for the training mean of a checkpoint
+    that does not record it."""
     if input_dtype not in INPUTS:
-        raise ValueError(f"input={input_dtype!r} is not one of {INPUTS}; e.g. --input uint8")
-    run = load_run(workdir, step, ema=ema)
-    config = run.config
-    for key, value in (data_overrides or {}).items():
-        config.data[key] = value
-    info = data.info(config)
-    recipe = data.recipe(config)  # the training mean (§4.2 per pixel, §3.4 per channel)
-    h, w, c = info.image_shape
+        raise ConfigError(f"input={input_dtype!r} is not one of {INPUTS}; e.g. --input uint8")
+    run = load_run(workdir, step, ema=ema, data_overrides=data_overrides)
+    config, pre = run.config, run.preprocess  # the training mean (§4.2 per pixel, §3.4 channel)
+    h, w, c = pre.size, pre.size, pre.channels
     model, variables = run.model, run.variables
 
     def infer(images: jax.Array) -> jax.Array:
         if input_dtype == "uint8":
-            images = preprocess({"image": images}, mean=recipe.mean)["image"]
+            images = pre(images)
         return model.apply(variables, images, train=False).astype(jnp.float32)
 
     batch = jax.export.symbolic_shape("batch")[0]
     spec = jax.ShapeDtypeStruct((batch, h, w, c), jnp.dtype(input_dtype))
     exported = jax.export.export(jax.jit(infer), platforms=tuple(platforms))(spec)
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "model.stablehlo"), "wb") as f:
-        f.write(exported.serialize())
-    host = ("the stored image as it is (no resize or crop)" if recipe.kind == "cifar" else
-            f"resize the shorter side to {recipe.eval_resize} (bilinear, antialiased), "
+    _write_atomically(os.path.join(out, "model.stablehlo"), exported.serialize())
+    host = ("the stored image as it is (no resize or crop)" if pre.kind == "cifar" else
+            f"resize the shorter side to {pre.eval_resize} (bilinear, antialiased), "
             f"then take the centre {h}x{w} crop")
-    mean = np.asarray(recipe.mean, np.float32)
+    mean = np.asarray(pre.mean, np.float32)
     meta = {
         "format": "jax.export.Exported, serialized (StableHLO); load with "
                   "jax.export.deserialize(bytes) and call .call(images)",
         "model": config.model,
         "model_kwargs": config_lib.model_overrides(config),
         "dataset": config.dataset,
-        "num_classes": info.num_classes,
+        "num_classes": run.num_classes,
         "step": run.step,
         "ema": ema,
         "input": {"shape": ["batch", h, w, c], "dtype": input_dtype,
                   "layout": "NHWC, RGB" if c == 3 else "NHWC"},
-        "output": {"shape": ["batch", info.num_classes], "dtype": "float32",
+        "output": {"shape": ["batch", run.num_classes], "dtype": "float32",
                    "meaning": "logits (softmax for probabilities)"},
         "preprocessing": {
             "by_caller": host + (", pixels as uint8 0..255" if input_dtype == "uint8" else
                                  ", then (pixels - mean) / 255 as float32"),
             "inside": ("(pixels - mean) / 255" if input_dtype == "uint8" else "none"),
+            "recipe": pre.kind,  # "cifar" (§4.2) or "imagenet" (§3.4)
+            "scale": pre.scale,
             "mean_kind": "per_pixel" if mean.ndim == 3 else "per_channel",
             "mean": mean.tolist(),
         },
         "platforms": list(exported.platforms),
         "jax_version": jax.__version__,
     }
-    with open(os.path.join(out, "model.json"), "w") as f:
-        json.dump(meta, f, indent=1)
+    _write_atomically(os.path.join(out, "model.json"), json.dumps(meta, indent=1).encode())
     return meta
+
+
+def _write_atomically(path: str, content: bytes) -> None:
+    """``path`` holds ``content`` or what it held before, never a mix of two writers' (tmp in
+    the same folder, then ``os.replace``)."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".",
+                               prefix=f".{os.path.basename(path)}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,8 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--platforms", default=",".join(PLATFORMS),
                         help="lowering platforms, comma-separated")
     parser.add_argument("--archive", default=None,
-                        help="CIFAR archive, if it moved since training (for the mean)")
-    parser.add_argument("--data_dir", default=None, help="TFDS data_dir, if it moved")
+                        help="CIFAR archive, for a checkpoint that does not record its mean")
+    parser.add_argument("--data_dir", default=None,
+                        help="TFDS data_dir, for a checkpoint that does not record its mean")
     args = parser.parse_args(argv)
     overrides = {k: v for k, v in (("archive", args.archive), ("data_dir", args.data_dir)) if v}
     with cli.exit_on_error():  # one line and a documented status for every expected failure

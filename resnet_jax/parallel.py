@@ -29,6 +29,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from resnet_jax.errors import ConfigError
+
 MODES = ("jit", "pmap")
 DATA_AXIS = "data"  # the jit mesh axis
 PMAP_AXIS = "devices"  # the pmap axis name handed to the step
@@ -42,13 +44,13 @@ def set_cpu_devices(count: int) -> None:
     ``bn_sync`` (the default) the statistics are those of the whole batch, so the math is one
     device's. Must run before JAX touches a device (the loop calls it first)."""
     if count < 0:
-        raise ValueError(f"cpu_devices={count} must be >= 0 (0: JAX's default, one CPU device).")
+        raise ConfigError(f"cpu_devices={count} must be >= 0 (0: JAX's default, one CPU device).")
     if count == 0 or jax.config.jax_num_cpu_devices == count:
         return
     try:
         jax.config.update("jax_num_cpu_devices", int(count))
     except RuntimeError as e:  # JAX refuses once a backend is up: say which call must move
-        raise ValueError(
+        raise ConfigError(
             f"cpu_devices={count} comes too late: JAX already touched a device in this process; "
             "call resnet_jax.parallel.set_cpu_devices right after `import jax`."
         ) from e
@@ -107,7 +109,7 @@ def check_batch_size(batch_size: int, field: str = "batch_size") -> None:
     n_proc, n_dev = jax.process_count(), jax.device_count()
     if batch_size <= 0 or batch_size % n_dev or batch_size % n_proc:
         fix = (batch_size // n_dev + 1) * n_dev if batch_size > 0 else n_dev
-        raise ValueError(
+        raise ConfigError(
             f"{field}={batch_size} is not divisible by the {n_dev} devices / {n_proc} processes; "
             f"use a multiple of {n_dev}, e.g. --config.{field}={fix}."
         )
@@ -147,8 +149,15 @@ class ParallelStep:
 
 
 def _first_replica(x: Any, *, strip_axis: bool) -> np.ndarray:
+    """One device's copy of a replicated output, as host numpy.
+
+    ``strip_axis``: a pmap output, ``(local devices, ...)``. Its first shard is ``x[0]`` with the
+    device axis kept, ``(1, ...)``, under the pmap of jax >= 0.8 (jit + shard_map,
+    ``NamedSharding``) and without it, ``(...)``, under the older one (``PmapSharding``), so it
+    is reshaped to ``x.shape[1:]`` rather than indexed: right under both.
+    """
     shard = np.asarray(x.addressable_data(0))
-    return shard[0] if strip_axis else shard
+    return shard.reshape(x.shape[1:]) if strip_axis else shard
 
 
 def compile(
@@ -168,7 +177,7 @@ def compile(
     replicated; e.g. ``preprocess.gather`` with the device-resident images as "state".
     """
     if mode not in MODES:
-        raise ValueError(f"parallel={mode!r} is not one of {MODES}; use --config.parallel=jit.")
+        raise ConfigError(f"parallel={mode!r} is not one of {MODES}; use --config.parallel=jit.")
     donate = (0,) if donate_state else ()
 
     if mode == "jit":

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from resnet_jax import models
+from resnet_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         summary = summarize(args.model, args.image, **dict(args.override))
-    except ValueError as e:
+    except ConfigError as e:  # a bad name or field; a fork's bug keeps its traceback
         parser.exit(2, f"error: {e}\n")
     print(summary.table())
 

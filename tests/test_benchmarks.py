@@ -240,3 +240,21 @@ def test_cifar_on_device_benchmark_prints_json():
     # label int32 + crop 2 x int32 + flip bool, and the uint8 image or (on_device) an int32 index
     assert sent == {"float_batch": 0.0, "host": 32 * 32 * 3 + 13, "on_device": 4 + 13}
     assert all(run["images_per_second"] > 0 for run in r["runs"])
+
+
+TINY_TRANSFORMS = ["--width", "4", "--batch", "2", "--image", "8", "--warmup", "0",
+                   "--blocks", "1", "--steps", "1"]
+
+
+@pytest.mark.parametrize("conv", ["xla", "onednn"])
+def test_transforms_benchmark_applies_every_transform_to_the_default_model(conv):
+    """The issue's script: jvp, linearize, an HVP, grad of grad and per-example grads of the
+    default CPU resnet20 (each kernel path) all run, each timed against grad in the same run."""
+    if conv == "onednn":
+        onednn_or_skip()
+    r = run_json("transforms.py", *TINY_TRANSFORMS, "--conv", conv)
+    assert r["conv"] == conv and r["backend"] == "cpu"
+    for name in ("grad", "jvp", "linearize", "hvp", "grad_of_grad", "per_example"):
+        assert r[name]["median_seconds"] > 0, name
+        assert r[name]["x_grad_min"] <= r[name]["x_grad"] <= r[name]["x_grad_max"], name
+    assert r["grad"]["x_grad"] == 1.0

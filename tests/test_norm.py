@@ -1,7 +1,9 @@
-"""resnet_jax.ops.norm.BatchNorm equals flax.linen.BatchNorm: outputs, gradients, batch_stats."""
+"""resnet_jax.ops.norm.BatchNorm equals flax.linen.BatchNorm: outputs, gradients, batch_stats,
+under jvp/linearize, grad-of-grad, HVPs, hessian and vmap of grad, and synced over devices."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -74,8 +76,10 @@ def test_eval_mode_and_bfloat16_dtype():
         _close(ref, new, rtol=1e-2, atol=1e-2)
 
 
-def test_resnet_train_step_matches_flax_norm():
-    """A ResNet-8 gradient with every BN swapped (the way a wiring would) equals flax's."""
+def test_resnet_train_step_matches_flax_norm(monkeypatch):
+    """A ResNet-8 gradient with every BN swapped for flax's (the model's only norm) is equal."""
+    from types import SimpleNamespace
+
     from resnet_jax import models
     from resnet_jax.models import resnet as resnet_mod
 
@@ -88,17 +92,96 @@ def test_resnet_train_step_matches_flax_norm():
                                   train=True, mutable=["batch_stats"])
         return logits.sum() ** 2 / 100, new
 
+    ours = jax.value_and_grad(loss, has_aux=True)(v["params"])
+
+    def flax_bn(batch_groups: int = 1, **kw):
+        assert batch_groups == 1
+        return nn.BatchNorm(**kw)
+
+    monkeypatch.setattr(resnet_mod, "fast_norm", SimpleNamespace(BatchNorm=flax_bn))
     ref = jax.value_and_grad(loss, has_aux=True)(v["params"])
-    old_bn = resnet_mod.nn.BatchNorm
-    proxy = type("proxy", (), {k: getattr(nn, k) for k in dir(nn) if not k.startswith("__")})
-    proxy.BatchNorm = BatchNorm
-    resnet_mod.nn = proxy
-    try:
-        new = jax.value_and_grad(loss, has_aux=True)(v["params"])
-    finally:
-        resnet_mod.nn = nn
-    assert old_bn is nn.BatchNorm
-    _close(ref, new, rtol=1e-4, atol=1e-5)
+    _close(ref, ours, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv_impl", ["xla", "onednn"])
+def test_model_hands_blocks_one_norm_class_for_every_conv_impl(conv_impl):
+    from resnet_jax import models
+
+    if conv_impl == "onednn":
+        pytest.importorskip("resnet_jax.ops.onednn")
+    seen = []
+
+    class Spy(models.BasicBlock):
+        def __call__(self, x):
+            seen.append(self.norm.func if hasattr(self.norm, "func") else self.norm)
+            return super().__call__(x)
+
+    model = models.create("cifar_resnet", depth=8, width=4, block_cls=Spy, conv_impl=conv_impl)
+    jax.eval_shape(functools.partial(model.init, train=True), jax.random.key(0),
+                   jnp.zeros((2, 8, 8, 3)))
+    assert seen and set(seen) == {BatchNorm}
+
+def _flax_and_ours(**kw):
+    return {name: cls(use_running_average=False, **KW, **kw)
+            for name, cls in (("flax", nn.BatchNorm), ("ours", BatchNorm))}
+
+
+def _apply(module, stats):
+    def f(params, x):
+        y, new = module.apply({"params": params, "batch_stats": stats}, x,
+                              mutable=["batch_stats"])
+        return y, new["batch_stats"]
+    return f
+
+
+def test_jvp_and_linearize_match_flax_including_batch_stats():
+    x = jax.random.normal(jax.random.key(0), (6, 3, 3, 4)) * 2 + 1
+    v = _variables(x)
+    t = jax.tree.map(lambda a: jax.random.normal(jax.random.key(3), a.shape), (v["params"], x))
+    out = {name: jax.jvp(_apply(m, v["batch_stats"]), (v["params"], x), t)
+           for name, m in _flax_and_ours().items()}
+    _close(out["flax"], out["ours"], rtol=1e-5, atol=1e-5)  # y, stats and their tangents
+    assert float(jnp.abs(out["ours"][1][1]["var"]).max()) > 1e-3  # the stats' tangents count
+    lin = jax.linearize(_apply(_flax_and_ours()["ours"], v["batch_stats"]), v["params"], x)[1]
+    _close(lin(*t), out["ours"][1], rtol=1e-5, atol=1e-5)
+
+
+def test_grad_of_grad_and_hvp_match_flax():
+    x = jax.random.normal(jax.random.key(0), (6, 3, 3, 4)) * 2 + 1
+    v = _variables(x)
+    probe = jax.random.normal(jax.random.key(4), x.shape)
+    out = {}
+    for name, m in _flax_and_ours().items():
+        def loss(params, x, m=m):
+            return _loss(m, params, v["batch_stats"], x)[0]
+
+        def grad_dot(params, x, loss=loss):  # reverse over reverse
+            return (jax.grad(loss, argnums=1)(params, x) * probe).sum()
+
+        hvp = jax.jvp(jax.grad(loss, argnums=(0, 1)), (v["params"], x),  # forward over reverse
+                      (jax.tree.map(jnp.zeros_like, v["params"]), probe))[1]
+        out[name] = jax.grad(grad_dot, argnums=(0, 1))(v["params"], x), hvp
+    _close(out["flax"], out["ours"], rtol=1e-4, atol=1e-5)
+
+
+def test_hessian_in_x_matches_flax():
+    x = jax.random.normal(jax.random.key(0), (4, 2)) * 2 + 1
+    v = _variables(x)
+    h = {name: jax.hessian(lambda x, m=m: _loss(m, v["params"], v["batch_stats"], x)[0])(x)
+         for name, m in _flax_and_ours().items()}
+    _close(h["flax"], h["ours"], rtol=1e-4, atol=1e-5)
+
+
+def test_vmap_of_grad_matches_flax():
+    """Per-slice gradients: vmap over independent BN batches, each with its own statistics."""
+    xs = jax.random.normal(jax.random.key(0), (3, 4, 3, 3, 5)) * 2 + 1
+    v = _variables(xs[0])
+    out = {}
+    for name, m in _flax_and_ours().items():
+        g = jax.grad(lambda p, x, m=m: _loss(m, p, v["batch_stats"], x)[0], argnums=(0, 1))
+        out[name] = jax.jit(jax.vmap(g, in_axes=(None, 0)))(v["params"], xs)
+    _close(out["flax"], out["ours"], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(out["ours"][1][0], out["ours"][1][1])  # really per slice
 
 
 SYNCED = textwrap.dedent("""
@@ -124,6 +207,19 @@ SYNCED = textwrap.dedent("""
     # synced: both devices hold the same running statistics, the global batch's
     stats = new[0][1][1]["batch_stats"]
     np.testing.assert_allclose(stats["mean"][0], stats["mean"][1], rtol=1e-6)
+
+    def tangents(cls):  # forward mode through the pmean'd statistics
+        m = cls(use_running_average=False, momentum=0.9, epsilon=1e-5, axis_name="d")
+        def f(p, x):
+            y, new = m.apply({"params": p, "batch_stats": v["batch_stats"]}, x,
+                             mutable=["batch_stats"])
+            return y, new
+        dx = jnp.cos(x)
+        jvp = lambda x, dx: jax.jvp(f, (v["params"], x), (v["params"], dx))
+        return jax.pmap(jvp, axis_name="d")(x, dx)
+
+    for a, b in zip(jax.tree.leaves(tangents(nn.BatchNorm)), jax.tree.leaves(tangents(BatchNorm))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
     print("ok")
 """)
 

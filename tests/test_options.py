@@ -199,3 +199,64 @@ def test_profile_steps_write_a_trace_into_the_workdir(tmp_path):
     c.profile_steps = "ten"
     with pytest.raises(ValueError, match="give START,STOP step indices"):
         config_lib.validate(c)
+
+
+def test_float16_skip_keeps_the_logged_learning_rate_on_schedule():
+    from resnet_jax.train.step import train_step
+
+    state = _tiny_state("float16", schedule="piecewise", lr_boundaries=(1, 2))
+    c = config_lib.default_config()
+    c.learning_rate, c.lr_boundaries = 0.05, (1, 2)  # _tiny_state's: 0.05, /10 at 1 and 2
+    schedule = optim.create_learning_rate_schedule(c)
+    step = jax.jit(train_step)
+    big = optim.LossScaleState(state.opt_state.inner, jnp.float32(1e30), jnp.int32(0))
+    batches = _batches(3)
+    new, m = step(state.replace(opt_state=big), batches[0], jax.random.PRNGKey(0))
+    jax.tree.map(np.testing.assert_array_equal, new.params, state.params)  # step 0 skipped
+    lrs = [float(m["learning_rate"])]
+    state = new.replace(opt_state=new.opt_state._replace(loss_scale=jnp.float32(2.0**15)))
+    for k in (1, 2):
+        state, m = step(state, batches[k], jax.random.PRNGKey(k))
+        lrs.append(float(m["learning_rate"]))
+    assert lrs == [float(schedule(k)) for k in range(3)]  # was [0.05, 0.05, 0.005]: the count froze
+    assert int(state.step) == int(state.opt_state.inner[1].count) == 3
+
+
+def _ema_state(decay: float, params, stats):
+    from resnet_jax.train.state import EMATrainState
+
+    tx = optax.sgd(1.0)  # grads = params - target moves the params to target exactly
+    return EMATrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=stats,
+                         opt_state=tx.init(params), apply_fn=None, tx=tx, ema_params=params,
+                         ema_batch_stats=stats, ema_decay=decay)
+
+
+def test_ema_is_debiased_and_keeps_no_weight_on_the_init():
+    # The README's SE example: ema_decay=0.999 for 1,000 steps. The params jump from the init
+    # (5) to 2 at the first update and stay: the debiased EMA is 2 (the init's weight is 0);
+    # the biased one would still hold 0.999**1000 = 37 % of the init (2 + 3 * 0.368).
+    init, target = {"w": jnp.full(3, 5.0)}, {"w": jnp.full(3, 2.0)}
+    state = _ema_state(0.999, init, {"mean": jnp.full(2, 5.0)})
+    grads = lambda s: jax.tree.map(lambda p, t: p - t, s.params, target)
+    state = state.apply_gradients(grads(state), batch_stats={"mean": jnp.full(2, 2.0)})
+    np.testing.assert_array_equal(state.ema_params["w"], 2.0)  # one update: that value
+    np.testing.assert_array_equal(state.ema_batch_stats["mean"], 2.0)
+
+    def body(_, s):
+        return s.apply_gradients(grads(s), batch_stats=s.batch_stats)
+
+    state = jax.jit(lambda s: jax.lax.fori_loop(1, 1_000, body, s))(state)
+    assert int(state.step) == 1_000
+    np.testing.assert_allclose(state.ema_params["w"], 2.0, rtol=1e-6)
+    np.testing.assert_allclose(state.ema_batch_stats["mean"], 2.0, rtol=1e-6)
+
+
+def test_ema_equals_optax_ema_debiased():
+    xs = jax.random.normal(jax.random.PRNGKey(0), (40, 3)) * 3.0
+    state = _ema_state(0.9, {"w": jnp.full(3, 7.0)}, {})
+    ref = optax.ema(0.9, debias=True)
+    ref_state = ref.init({"w": jnp.zeros(3)})
+    for x in xs:
+        state = state.apply_gradients({"w": state.params["w"] - x})
+        want, ref_state = ref.update({"w": state.params["w"]}, ref_state)
+        np.testing.assert_allclose(state.ema_params["w"], want["w"], rtol=2e-5, atol=1e-6)

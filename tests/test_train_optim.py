@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import config_module
 
 from resnet_jax import models
 from resnet_jax.train import optim
@@ -123,3 +124,81 @@ def test_sgd_is_optax_momentum() -> None:
         u1, s1 = ours.update(grads, s1, params)
         u2, s2 = ref.update(grads, s2, params)
         np.testing.assert_allclose(u1["w"], u2["w"], rtol=1e-6)
+
+
+def test_every_schedule_runs_over_the_loops_total_steps() -> None:
+    from resnet_jax.train.loop import num_train_steps
+
+    # ImageNet counts epochs: the loop's length and cosine's horizon are one number.
+    c = _config("imagenet", "resnet50")
+    n, spe = 1_281_167, 1_281_167 / 256
+    total = round(90 * spe)
+    assert num_train_steps(c, n) == optim.total_steps(c, spe) == total == 450_410
+    c.schedule = "cosine"
+    s = optim.create_learning_rate_schedule(c, spe)
+    assert float(s(0)) == pytest.approx(0.1)
+    assert float(s(total // 2)) == pytest.approx(0.05, rel=1e-4)
+    assert float(s(total - 1)) < 1e-9 and float(s(total)) == 0.0
+    c.num_epochs = 120.0  # the paper's ~120 epochs: the decay stretches with the run
+    assert float(optim.create_learning_rate_schedule(c, spe)(total)) == pytest.approx(
+        0.05 * (1 + np.cos(np.pi * 90 / 120)), rel=1e-4)
+    # Goyal's large batch with cosine: linear warm-up over 5 epochs, then down to ~0 at the end.
+    g = _config("imagenet", "resnet50_large_batch")
+    g.schedule = "cosine"
+    spe = 1_281_167 / 8192
+    total, warm = optim.total_steps(g, spe), optim.warmup_steps(g, spe)
+    assert (total, warm) == (round(90 * spe), round(5 * spe))
+    s = optim.create_learning_rate_schedule(g, spe)
+    half = warm + (total - warm) // 2
+    np.testing.assert_allclose(
+        _lrs(s, [0, warm, half]),
+        [0.1, 3.2, 1.6 * (1 + np.cos(np.pi * (half - warm) / (total - warm)))], rtol=1e-5)
+    assert float(s(total - 1)) < 0.01 * 3.2  # was 3.2: the horizon was num_train_steps
+
+
+def test_run_length_is_given_in_one_unit() -> None:
+    from resnet_jax.errors import ConfigError
+    from resnet_jax.train import config as config_lib
+
+    c = _config("imagenet", "resnet50")
+    assert (c.num_epochs, c.num_train_steps) == (90.0, -1)
+    c.num_train_steps = 2  # set in code: both set -> refused, naming both and the fix
+    with pytest.raises(ConfigError, match=r"num_train_steps=2 and num_epochs=90 both set .* "
+                       r"--config.num_epochs=-1 to run 2 steps"):
+        config_lib.validate(c)
+    # On the command line the given unit wins: a 2-step smoke run is 2 steps, not 450k.
+    assert config_lib.length_from_overrides(c, {"num_train_steps": 2}) != ""
+    assert (c.num_epochs, optim.total_steps(c, 1_281_167 / 256)) == (-1.0, 2)
+    config_lib.validate(c)
+    d = config_module("digits").get_config()
+    d.num_epochs = 3.0
+    config_lib.length_from_overrides(d, {"num_epochs": 3.0, "schedule": "cosine"})
+    assert (d.num_train_steps, optim.total_steps(d, 1437 / 32)) == (-1, 135)
+    e = config_module("digits").get_config()
+    e.num_epochs = 3.0  # both given on the command line: still refused
+    assert config_lib.length_from_overrides(e, {"num_epochs": 3.0, "num_train_steps": 1000}) == ""
+    with pytest.raises(ConfigError, match="both set the run's length"):
+        config_lib.validate(e)
+    e.num_train_steps, e.num_epochs = -1, -1.0
+    with pytest.raises(ConfigError, match="set one of them > 0"):
+        config_lib.validate(e)
+
+
+def test_float16_skip_keeps_the_schedule_on_the_step() -> None:
+    # Schedule lr(k) = k; momentum 0.5. Update 0 overflows and is skipped: the LR of update k
+    # is still lr(k), the momentum trace is untouched by the skip.
+    sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=lambda k: k.astype(jnp.float32),
+                                             momentum=0.5)
+    tx = optim.dynamic_loss_scale(sgd)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    lrs, moves = [], []
+    for g in (jnp.inf, 1.0, 1.0):
+        updates, state = tx.update({"w": jnp.full(2, g)}, state, params)
+        lrs.append(float(optim.current_learning_rate(state)))
+        moves.append(float(updates["w"][0]))
+    assert lrs == [0.0, 1.0, 2.0]  # the count advanced through the skip
+    assert int(state.inner.count) == 3
+    # trace: skip keeps 0; then 1; then 0.5 * 1 + 1 = 1.5 -> updates -lr * trace
+    assert moves == [0.0, -1.0, -3.0]
+    assert float(state.loss_scale) == 2.0**14

@@ -128,7 +128,15 @@ def test_ema_state_averages_params_and_batch_stats_inside_the_step(state: TrainS
     assert isinstance(new, EMATrainState)
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
     jax.tree.map(close, new.params, raw.params)  # the update itself is unchanged
-    jax.tree.map(lambda e, p0, p1: close(e, 0.75 * p0 + 0.25 * p1),
-                 new.ema_params, state.params, raw.params)
-    jax.tree.map(lambda e, s0, s1: close(e, 0.75 * s0 + 0.25 * s1),
-                 new.ema_batch_stats, state.batch_stats, raw.batch_stats)
+    # Debiased (as optax.ema): after the first update the average is that update's values, with
+    # no weight on the init; after the second, 3/7 of the first and 4/7 of the second
+    # (weights (1 - d) d^(k-i) / (1 - d^k) with d = 0.75).
+    assert int(state.step) == 0
+    jax.tree.map(close, new.ema_params, raw.params)
+    jax.tree.map(close, new.ema_batch_stats, raw.batch_stats)
+    raw2, _ = step(raw, _batch(8), jax.random.PRNGKey(1))
+    new2, _ = step(new, _batch(8), jax.random.PRNGKey(1))
+    jax.tree.map(lambda e, p1, p2: close(e, 3 / 7 * p1 + 4 / 7 * p2),
+                 new2.ema_params, raw.params, raw2.params)
+    jax.tree.map(lambda e, s1, s2: close(e, 3 / 7 * s1 + 4 / 7 * s2),
+                 new2.ema_batch_stats, raw.batch_stats, raw2.batch_stats)

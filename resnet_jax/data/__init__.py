@@ -34,6 +34,7 @@ from resnet_jax.data import augment, loader, pipeline, sources
 from resnet_jax.data.augment import average_views
 from resnet_jax.data.pipeline import Batches
 from resnet_jax.data.sources import DataError
+from resnet_jax.errors import ConfigError
 
 __all__ = ["Batches", "DataError", "DatasetInfo", "DeviceRecipe", "average_views", "create",
            "default_config", "device_recipe", "device_table", "info", "recipe"]
@@ -99,7 +100,7 @@ def _data_config(config: Any) -> ml_collections.ConfigDict:
         items = given.items() if hasattr(given, "items") else vars(given).items()
         for key, value in items:
             if key not in cfg:
-                raise ValueError(f"unknown field data.{key}; valid: {sorted(cfg)}")
+                raise ConfigError(f"unknown field data.{key}; valid: {sorted(cfg)}")
             cfg[key] = value
     return cfg
 
@@ -107,7 +108,7 @@ def _data_config(config: Any) -> ml_collections.ConfigDict:
 def _field(config: Any, name: str) -> Any:
     value = config.get(name, None) if hasattr(config, "get") else getattr(config, name, None)
     if value is None:
-        raise ValueError(f"the run config needs a {name!r} field")
+        raise ConfigError(f"the run config needs a {name!r} field")
     return value
 
 
@@ -160,7 +161,7 @@ def _kind(d: ml_collections.ConfigDict, train: sources.Source) -> str:
     if d.pipeline in ("cifar", "imagenet"):
         return d.pipeline
     if d.pipeline != "auto":
-        raise ValueError(f"data.pipeline={d.pipeline!r}; valid: 'auto', 'cifar', 'imagenet'")
+        raise ConfigError(f"data.pipeline={d.pipeline!r}; valid: 'auto', 'cifar', 'imagenet'")
     h, w, _ = train.image_shape
     return "cifar" if h is not None and w is not None and max(h, w) <= 64 else "imagenet"
 
@@ -177,8 +178,8 @@ def _prepared(key: _Key, kind: str) -> tuple[sources.Source, sources.Source, np.
         return train, test, augment.IMAGENET_MEAN_RGB[: train.image_shape[2]]
     if isinstance(train, sources.TfdsSource):
         if None in train.image_shape:
-            raise ValueError(f"data.pipeline='cifar' needs fixed-size images; {key.dataset} "
-                             f"has {train.image_shape}")
+            raise ConfigError(f"data.pipeline='cifar' needs fixed-size images; {key.dataset} "
+                              f"has {train.image_shape}")
         train, test = train.to_memory(), test.to_memory()  # type: ignore[attr-defined]
     # §4.2: "the per-pixel mean subtracted" — of the training split actually trained on.
     mean = train.images.mean(axis=0, dtype=np.float64).astype(np.float32)  # type: ignore
@@ -189,23 +190,23 @@ def _recipe(d: ml_collections.ConfigDict, kind: str, train: sources.Source, mean
             dataset: str) -> pipeline.Recipe:
     h, w, c = train.image_shape
     if d.eval_protocol not in EVAL_PROTOCOLS:
-        raise ValueError(f"data.eval_protocol={d.eval_protocol!r}; valid: {EVAL_PROTOCOLS}")
+        raise ConfigError(f"data.eval_protocol={d.eval_protocol!r}; valid: {EVAL_PROTOCOLS}")
     if kind == "cifar":
         if h != w:
-            raise ValueError(f"the cifar recipe needs square images; {dataset} has {h}x{w}")
+            raise ConfigError(f"the cifar recipe needs square images; {dataset} has {h}x{w}")
         if d.image_size is not None and d.image_size != h:
-            raise ValueError(f"data.image_size={d.image_size} but {dataset} images are {h}x{w}; "
-                             "the cifar recipe keeps the stored size (unset data.image_size)")
+            raise ConfigError(f"data.image_size={d.image_size} but {dataset} images are {h}x{w}; "
+                              "the cifar recipe keeps the stored size (unset data.image_size)")
         if d.eval_protocol != "center":
-            raise ValueError(f"data.eval_protocol={d.eval_protocol!r} is an ImageNet protocol "
-                             "(§3.4); the cifar recipe tests the single original image (§4.2): "
-                             "use 'center' or data.pipeline='imagenet'")
+            raise ConfigError(f"data.eval_protocol={d.eval_protocol!r} is an ImageNet protocol "
+                              "(§3.4); the cifar recipe tests the single original image (§4.2): "
+                              "use 'center' or data.pipeline='imagenet'")
         size = h
     else:
         size = d.image_size or 224
         if d.pca_std and c != 3:
-            raise ValueError(f"PCA colour augmentation needs RGB; {dataset} has {c} channels: "
-                             "set data.pca_std=0")
+            raise ConfigError(f"PCA colour augmentation needs RGB; {dataset} has {c} channels: "
+                              "set data.pca_std=0")
     flip = d.flip if d.flip is not None else dataset != "digits"
     return pipeline.Recipe(
         kind=kind, size=int(size), channels=int(c), mean=mean, augment=bool(d.augment),
@@ -230,9 +231,9 @@ def _open(config: Any) -> tuple[ml_collections.ConfigDict, pipeline.Recipe, sour
     train, test, mean = _prepared(key, kind)
     recipe = _recipe(d, kind, train, mean, key.dataset)
     if d.on_device and (kind != "cifar" or not isinstance(train, sources.ArraySource)):
-        raise ValueError(f"data.on_device=True needs the cifar recipe's in-memory images; "
-                         f"{key.dataset} streams through the {kind} recipe: set "
-                         "--config.data.on_device=False")
+        raise ConfigError(f"data.on_device=True needs the cifar recipe's in-memory images; "
+                          f"{key.dataset} streams through the {kind} recipe: set "
+                          "--config.data.on_device=False")
     return d, recipe, train, test
 
 
@@ -254,8 +255,8 @@ def device_table(config: Any) -> np.ndarray:
     training batches then index into it (``index``)."""
     d, _, train, _ = _open(config)
     if not d.on_device:
-        raise ValueError("device_table is for data.on_device=True; set "
-                         "--config.data.on_device=True")
+        raise ConfigError("device_table is for data.on_device=True; set "
+                          "--config.data.on_device=True")
     return train.images  # type: ignore[attr-defined]
 
 
@@ -282,16 +283,16 @@ def create(config: Any, split: str, *, process_index: int = 0, process_count: in
     disjoint slices of every global batch.
     """
     if split not in ("train", "eval"):
-        raise ValueError(f"split={split!r}; valid: 'train', 'eval'")
+        raise ConfigError(f"split={split!r}; valid: 'train', 'eval'")
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+        raise ConfigError(f"process_index={process_index} not in [0, {process_count})")
     field = "batch_size" if split == "train" else "eval_batch_size"
     global_batch = int(_field(config, field))
     if global_batch % process_count:
-        raise ValueError(f"{field}={global_batch} is not divisible by process_count="
-                         f"{process_count}; set --config.{field} to a multiple of it")
+        raise ConfigError(f"{field}={global_batch} is not divisible by process_count="
+                          f"{process_count}; set --config.{field} to a multiple of it")
     if split == "train" and start_step < 0:
-        raise ValueError(f"start_step={start_step} must be >= 0")
+        raise ConfigError(f"start_step={start_step} must be >= 0")
     d, r, train, test = _open(config)
     plan = pipeline.Plan(train if split == "train" else test, r,
                          global_batch // process_count, process_index, process_count, seed,

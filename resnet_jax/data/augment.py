@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from resnet_jax.errors import DataError
+
 PIXEL_SCALE = 255.0
 
 # §3.4: ImageNet per-channel RGB mean (0..255) — the mean over the ILSVRC-2012 training set as
@@ -60,7 +62,7 @@ def _decoded(image: ImageInput, channels: int, shorter: int | None = None) -> _D
         h, w, c = image.shape
         return _Decoded(Image.fromarray(image[..., 0] if c == 1 else image), h, w, 1.0, c)
     if channels not in _MODES:
-        raise ValueError(f"encoded images decode to 1 or 3 channels, not {channels}")
+        raise DataError(f"encoded images decode to 1 or 3 channels, not {channels}")
     img = Image.open(io.BytesIO(image))
     w, h = img.size
     mode, scale = _MODES[channels], 1.0

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from resnet_jax.errors import ConfigError
+
 Batch = dict[str, np.ndarray]
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -55,8 +57,8 @@ def resolve_workers(workers: int, kind: str) -> int:
     (in-process) for the in-memory "cifar" recipe (an array gather; processes would each copy
     the dataset and every evaluation would pay their start-up)."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < -1:
-        raise ValueError(f"data.workers={workers!r}: use -1 (auto), 0 (in-process) or the number "
-                         "of worker processes, e.g. --config.data.workers=-1")
+        raise ConfigError(f"data.workers={workers!r}: use -1 (auto), 0 (in-process) or the number "
+                          "of worker processes, e.g. --config.data.workers=-1")
     if workers != -1:
         return workers
     if kind != "imagenet":
@@ -225,11 +227,11 @@ class Batches(Iterator[Batch]):
                  workers: int, num_batches: int | None = None) -> None:
         self._thread: threading.Thread | None = None
         if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 1:
-            raise ValueError(f"data.prefetch={prefetch!r} must be >= 1 (batches ready ahead of "
-                             "the consumer), e.g. --config.data.prefetch=2")
+            raise ConfigError(f"data.prefetch={prefetch!r} must be >= 1 (batches ready ahead of "
+                              "the consumer), e.g. --config.data.prefetch=2")
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
-            raise ValueError(f"workers={workers!r} must be >= 0 (0: in-process); resolve "
-                             "data.workers=-1 with loader.resolve_workers")
+            raise ConfigError(f"workers={workers!r} must be >= 0 (0: in-process); resolve "
+                              "data.workers=-1 with loader.resolve_workers")
         import grain  # imports jax (its profiler hooks); deferred to the first stream
 
         steps = _as_sequence(steps)

@@ -27,14 +27,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from resnet_jax.data import augment
+from resnet_jax.errors import ConfigError, DataError
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 # Fixed digits split: the first 1437 examples train, the last 360 (20%) test.
 DIGITS_NUM_TEST = 360
-
-
-class DataError(RuntimeError):
-    """A dataset or archive is missing or unreadable; the message says how to provide it."""
 
 
 class Source(Protocol):
@@ -130,8 +127,8 @@ class EncodedSource(_RandomAccess):
 
 def _check_heldout(n: int, num_heldout: int) -> int:
     if not 0 < num_heldout < n:
-        raise ValueError(f"data.validation_split={num_heldout} must be in (0, {n}), the size of "
-                         "the training split")
+        raise ConfigError(f"data.validation_split={num_heldout} must be in (0, {n}), the size of "
+                          "the training split")
     return n - num_heldout
 
 

@@ -51,9 +51,11 @@ FLAGS = flags.FLAGS
 
 
 def _config_module(path: str) -> object:
+    from resnet_jax.errors import ConfigError
+
     spec = importlib.util.spec_from_file_location("experiment_config", path)
     if spec is None or spec.loader is None:
-        raise ValueError(f"--config {path} is not a Python file.")
+        raise ConfigError(f"--config {path} is not a Python file.")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -65,6 +67,7 @@ def net_configs(path: str, archs: list[str], overrides: dict,
     flattened ``overrides``, then the ``steps`` scaling. Returns the configs and the scaling
     note ("" without ``steps``)."""
     from resnet_jax.experiments import depth
+    from resnet_jax.train import config as config_lib
 
     get_config = _config_module(path).get_config
     takes_arch = bool(inspect.signature(get_config).parameters)
@@ -74,6 +77,7 @@ def net_configs(path: str, archs: list[str], overrides: dict,
         if not takes_arch:
             config.model = arch
         config.update_from_flattened_dict(overrides)
+        config_lib.length_from_overrides(config, overrides)  # the given length unit wins
         if steps is not None:
             note = depth.scale_schedule(config, steps)
         configs[arch] = config
@@ -117,6 +121,7 @@ def run_depth() -> None:
 def run_responses() -> None:
     import resnet_jax
     from resnet_jax import data
+    from resnet_jax.errors import ConfigError
     from resnet_jax.experiments import depth, responses
     from resnet_jax.train import loop
 
@@ -124,7 +129,8 @@ def run_responses() -> None:
         raise app.UsageError("responses needs --workdir (a depth study's directory).")
     study = os.path.join(FLAGS.workdir, STUDY)
     if not os.path.exists(study):
-        raise ValueError(f"{study} is missing; run the depth command on {FLAGS.workdir} first.")
+        raise ConfigError(f"{study} is missing; run the depth command on {FLAGS.workdir} "
+                          "first.")
     with open(study) as f:
         archs = json.load(f)["archs"]
     per_net = {}

@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 import ml_collections
 
 from resnet_jax import cli
+from resnet_jax.errors import ConfigError
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train.loop import train_and_evaluate
@@ -44,11 +45,11 @@ def scale_schedule(config: ml_collections.ConfigDict, steps: int) -> str:
     is a number of iterations, not a fraction of the run, and is kept.
     """
     if steps < 1:
-        raise ValueError(f"--steps={steps} must be >= 1.")
+        raise ConfigError(f"--steps={steps} must be >= 1.")
     if config.num_epochs > 0 or config.lr_boundaries_unit != "steps":
-        raise ValueError("--steps scales a schedule given in steps; this config counts epochs "
-                         "(num_epochs / lr_boundaries_unit); set --config.num_train_steps and "
-                         "--config.lr_boundaries instead.")
+        raise ConfigError("--steps scales a schedule given in steps; this config counts epochs "
+                          "(num_epochs / lr_boundaries_unit); set --config.num_train_steps and "
+                          "--config.lr_boundaries instead.")
     old = int(config.num_train_steps)
     f = steps / old
     old_bounds = tuple(int(b) for b in config.lr_boundaries)
@@ -71,7 +72,7 @@ def check_study_config(config: ml_collections.ConfigDict, netdir: str) -> None:
         with open(path) as f:
             diff = config_lib.changed_fields(json.load(f), now)
         if diff:
-            raise ValueError(
+            raise ConfigError(
                 f"{netdir} was trained with another config (fields {diff}); use another "
                 "--workdir or the same overrides."
             )
@@ -84,7 +85,7 @@ def load_study_config(netdir: str) -> ml_collections.ConfigDict:
     """The config a net of the study was trained with (``netdir/study_config.json``)."""
     path = os.path.join(netdir, STUDY_CONFIG)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing; train the net with the depth command first.")
+        raise ConfigError(f"{path} is missing; train the net with the depth command first.")
     with open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
 
@@ -119,7 +120,7 @@ def split_lanes(archs: Sequence[str], jobs: int) -> list[list[str]]:
     (longest-processing-time greedy; cost = the depth in the name, e.g. 56 for plain56, or 1).
     Each lane keeps the order in which its nets were assigned."""
     if jobs < 1:
-        raise ValueError(f"--jobs must be >= 1; got {jobs}.")
+        raise ConfigError(f"--jobs must be >= 1; got {jobs}.")
     lanes: list[list[str]] = [[] for _ in range(min(jobs, len(archs)))]
     load = [0] * len(lanes)
     for arch in sorted(archs, key=lambda a: -(_depth(a) or 1)):  # stable: ties keep --archs order
@@ -132,12 +133,12 @@ def split_lanes(archs: Sequence[str], jobs: int) -> list[list[str]]:
 def cpu_shares(jobs: int) -> list[list[int]]:
     """The CPU cores this process may use, split into ``jobs`` disjoint contiguous shares."""
     if not hasattr(os, "sched_setaffinity"):
-        raise ValueError("--jobs > 1 pins each lane to its own CPU cores, which needs Linux "
-                         "(os.sched_setaffinity); run with --jobs 1 here.")
+        raise ConfigError("--jobs > 1 pins each lane to its own CPU cores, which needs Linux "
+                          "(os.sched_setaffinity); run with --jobs 1 here.")
     cpus = sorted(os.sched_getaffinity(0))
     if jobs > len(cpus):
-        raise ValueError(f"--jobs {jobs} exceeds the {len(cpus)} CPU cores this process may "
-                         f"use; pass --jobs {len(cpus)} or fewer.")
+        raise ConfigError(f"--jobs {jobs} exceeds the {len(cpus)} CPU cores this process may "
+                          f"use; pass --jobs {len(cpus)} or fewer.")
     return [cpus[i * len(cpus) // jobs:(i + 1) * len(cpus) // jobs] for i in range(jobs)]
 
 
@@ -225,7 +226,7 @@ def results(archs: Sequence[str], workdir: str, *, cifar10: bool) -> list[NetRes
         train = [r for r in records if "train_error" in r]
         test = [r for r in records if "test_error" in r]
         if not train or not test:
-            raise ValueError(f"{workdir}/{arch}/metrics.jsonl has no train and test errors yet.")
+            raise ConfigError(f"{workdir}/{arch}/metrics.jsonl has no train and test errors yet.")
         out.append(NetResult(arch, int(test[-1]["step"]), 100 * train[-1]["train_error"],
                              100 * test[-1]["test_error"],
                              PAPER_TEST_ERROR.get(arch) if cifar10 else None))

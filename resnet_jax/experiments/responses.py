@@ -28,6 +28,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from resnet_jax.errors import ConfigError, DataError
+
 SCANNED = "blocks"  # the scanned part of a stage: leading axis = blocks 1..n-1 (models/resnet.py)
 
 
@@ -52,8 +54,8 @@ def follows_3x3_conv(module: nn.Module, method_name: str) -> bool:
     if not any("conv" in name for name in params):
         return False  # a BN beside no convolution (a pre-activation head) follows none
     if conv not in params:
-        raise ValueError(f"BatchNorm {'/'.join(module.path)} has no sibling {conv!r}; "
-                         "pass a filter that names the 3x3 layers of this model.")
+        raise ConfigError(f"BatchNorm {'/'.join(module.path)} has no sibling {conv!r}; "
+                          "pass a filter that names the 3x3 layers of this model.")
     return tuple(params[conv]["kernel"].shape[:2]) == (3, 3)
 
 
@@ -132,7 +134,7 @@ def batch_moments_fn(model: nn.Module, filter_fn: Any = follows_3x3_conv) -> Any
             sizes.append(int(np.prod(yi.shape[1:])))
             layer_names.append(name)
         if not layer_names:
-            raise ValueError("the filter selected no layer of this model.")
+            raise ConfigError("the filter selected no layer of this model.")
         static["names"], static["sizes"] = layer_names, sizes  # set while tracing
         return jnp.sum(m), jnp.stack(means), jnp.stack(m2s)
 
@@ -182,8 +184,8 @@ def layer_responses(
             batch = prep(batch)
         image = np.asarray(batch["image"])
         if image.ndim != 4:
-            raise ValueError(f"responses need single-view images (B, H, W, C), got "
-                             f"{image.shape}; use the 'center' eval protocol.")
+            raise ConfigError(f"responses need single-view images (B, H, W, C), got "
+                              f"{image.shape}; use the 'center' eval protocol.")
         mask = np.asarray(batch.get("mask", np.ones(image.shape[0], np.float32)))
         names_b, sizes, count, means, m2s = fn(variables, image, mask)
         per_layer = np.float64(count) * np.asarray(sizes, np.float64)
@@ -198,7 +200,7 @@ def layer_responses(
         m2 = m2 + m2s + delta**2 * n * per_layer / safe
         n = total
     if names is None or not np.all(n > 0):
-        raise ValueError("no test examples were seen (empty split or all masked).")
+        raise DataError("no test examples were seen (empty split or all masked).")
     return [LayerStd(i + 1, name, float(np.sqrt(m2[i] / n[i])), int(n[i]))
             for i, name in enumerate(names)]
 

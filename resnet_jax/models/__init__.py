@@ -22,6 +22,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from resnet_jax.errors import ConfigError
 from resnet_jax.models.blocks import (
     SHORTCUTS,
     BasicBlock,
@@ -70,7 +71,7 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 def _dtype(value: Any, field: str) -> Any:
     if isinstance(value, str):
         if value not in _DTYPES:
-            raise ValueError(f"{field}={value!r} is not one of {sorted(_DTYPES)}.")
+            raise ConfigError(f"{field}={value!r} is not one of {sorted(_DTYPES)}.")
         return _DTYPES[value]
     return value
 
@@ -88,7 +89,7 @@ def cifar(depth: int, *, shortcut: str = "A", **overrides: Any) -> ResNet:
 def imagenet(depth: int, *, shortcut: str = "B", **overrides: Any) -> ResNet:
     """An ImageNet net of Table 1 (18/34 basic blocks, 50/101/152 bottlenecks)."""
     if depth not in IMAGENET_STAGES:
-        raise ValueError(
+        raise ConfigError(
             f"ImageNet depth {depth} is not in Table 1; use one of {sorted(IMAGENET_STAGES)}."
         )
     sizes, block_cls = IMAGENET_STAGES[depth]
@@ -105,16 +106,18 @@ def resolve(spec: Any) -> Any:
         return spec
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"{spec!r} is not an import path 'package.module:Name'.")
+        raise ConfigError(f"{spec!r} is not an import path 'package.module:Name'.")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import {module_name!r} for {spec!r} ({e}); install the "
-                         "package that defines it or run from its directory.") from e
+    except ModuleNotFoundError as e:
+        if e.name is None or not (module_name + ".").startswith(e.name + "."):
+            raise  # the module exists but fails to import something: its own traceback
+        raise ConfigError(f"cannot import {module_name!r} for {spec!r} ({e}); install the "
+                          "package that defines it or run from its directory.") from e
     obj = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise ValueError(f"{module_name!r} has no {attr!r} (from {spec!r}).")
+            raise ConfigError(f"{module_name!r} has no {attr!r} (from {spec!r}).")
         obj = getattr(obj, part)
     return obj
 
@@ -126,7 +129,7 @@ def _build(kw: dict[str, Any], overrides: dict[str, Any]) -> ResNet:
         overrides["block_cls"] = overrides.pop("block")
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"unknown model override(s) {unknown}; valid fields: {sorted(fields)}.")
+        raise ConfigError(f"unknown model override(s) {unknown}; valid fields: {sorted(fields)}.")
     kw.update(overrides)
     for f in ("block_cls", "head"):
         if isinstance(kw.get(f), str):
@@ -153,7 +156,7 @@ def _named(family: Callable[..., ResNet], depth: int, **fixed: Any) -> Callable[
 def _any_depth(family: Callable[..., ResNet], **fixed: Any) -> Callable[..., ResNet]:
     def make(*, depth: int | None = None, **overrides: Any) -> ResNet:
         if depth is None:
-            raise ValueError("this model needs depth=..., e.g. create('cifar_resnet', depth=20).")
+            raise ConfigError("this model needs depth=..., e.g. create('cifar_resnet', depth=20).")
         return family(int(depth), **{**fixed, **overrides})
 
     return make
@@ -198,7 +201,7 @@ def register(name: str, factory: Callable[..., Any], *, overwrite: bool = False)
     fork must register it wherever it is loaded; an import path (``"my_pkg.models:my_net"``)
     as the config's ``model`` needs no registration."""
     if name in _REGISTRY and not overwrite:
-        raise ValueError(f"model {name!r} is registered already; pass overwrite=True.")
+        raise ConfigError(f"model {name!r} is registered already; pass overwrite=True.")
     _REGISTRY[name] = factory
 
 
@@ -210,6 +213,6 @@ def create(name: str, **overrides: Any) -> Any:
             return resolve(name)(**overrides)
         close = difflib.get_close_matches(name, _REGISTRY, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown model {name!r}{hint}; valid names: {', '.join(_REGISTRY)} "
-                         "(or a factory's import path 'my_pkg.models:my_net').")
+        raise ConfigError(f"unknown model {name!r}{hint}; valid names: {', '.join(_REGISTRY)} "
+                          "(or a factory's import path 'my_pkg.models:my_net').")
     return _REGISTRY[name](**overrides)

@@ -21,6 +21,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from resnet_jax.errors import ConfigError
+
 ModuleDef = Any
 Array = Any
 
@@ -36,7 +38,7 @@ def pad_for(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
 
 def check_shortcut(shortcut: str) -> None:
     if shortcut not in SHORTCUTS:
-        raise ValueError(
+        raise ConfigError(
             f"shortcut={shortcut!r} is not one of {SHORTCUTS}; use 'A', 'B', 'C' or 'none' (plain)."
         )
 
@@ -47,7 +49,7 @@ def subsample_and_pad(x: Array, features: int, strides: int) -> Array:
         x = x[:, ::strides, ::strides, :]
     extra = features - x.shape[-1]
     if extra < 0:
-        raise ValueError(
+        raise ConfigError(
             f"shortcut 'A' cannot shrink {x.shape[-1]} channels to {features}; "
             "use shortcut 'B' or 'C'."
         )
@@ -140,7 +142,7 @@ class BottleneckBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array) -> Array:
         if self.stride_in not in STRIDE_IN:
-            raise ValueError(f"stride_in={self.stride_in!r} is not one of {STRIDE_IN}.")
+            raise ConfigError(f"stride_in={self.stride_in!r} is not one of {STRIDE_IN}.")
         s = (self.strides, self.strides)
         s1, s3 = (s, (1, 1)) if self.stride_in == "1x1" else ((1, 1), s)
         y = self.conv(self.features, (1, 1), s1, name="conv1")(x)

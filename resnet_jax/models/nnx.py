@@ -20,6 +20,8 @@ from flax import nnx
 from flax.nnx import bridge
 from flax.nnx.bridge import variables as bridge_variables
 
+from resnet_jax.errors import ConfigError
+
 
 class NNXNetwork(nnx.Module):
     """A linen network and its variables as one NNX module (see :func:`to_nnx`)."""
@@ -27,8 +29,8 @@ class NNXNetwork(nnx.Module):
     def __init__(self, model: nn.Module, variables: Mapping[str, Any], *,
                  rngs: nnx.Rngs | None = None) -> None:
         if "params" not in variables:
-            raise ValueError(f"variables need a 'params' collection, got {sorted(variables)}; "
-                             "pass what resnet_jax.load or models.init returns")
+            raise ConfigError(f"variables need a 'params' collection, got {sorted(variables)}; "
+                              "pass what resnet_jax.load or models.init returns")
         self.net = bridge.ToNNX(model, rngs=rngs if rngs is not None else nnx.Rngs(0))
         attrs = bridge_variables.linen_vars_to_nnx_attrs(
             jax.tree.map(jax.numpy.asarray, dict(variables)))

@@ -33,9 +33,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from resnet_jax.errors import ConfigError
 from resnet_jax.models.blocks import (
     BasicBlock,
     BottleneckBlock,
@@ -131,8 +131,12 @@ class ResNet(nn.Module):
 
     Stage ``k`` (0-based) has ``stage_sizes[k]`` blocks of width ``width * 2**k`` (times the
     block's ``expansion``); every stage after the first starts with a stride-2 block.
-    ``__call__(x, train, bn_axis_name=None)``: with ``bn_axis_name`` BN statistics are averaged
-    over that named axis (synced BN under ``pmap``); the module itself holds no axis name.
+    ``__call__(x, train, bn_axis_name=None, bn_groups=1)``: with ``bn_axis_name`` BN statistics
+    are averaged over that named axis (synced BN under ``pmap``); ``bn_groups > 1`` splits the
+    batch into that many "ghost" BN batches with their own statistics (§3.4: the paper's BN
+    batches are per-GPU slices). The module itself holds no axis name and no group count; every
+    block gets ``resnet_jax.ops.norm.BatchNorm`` (equal to ``flax.linen.BatchNorm``, same
+    variables) whichever ``conv_impl`` runs.
     """
 
     stage_sizes: Sequence[int]
@@ -157,19 +161,19 @@ class ResNet(nn.Module):
     conv_impl: str = "xla"
 
     def validate(self) -> None:
-        """Raise a one-line ValueError for any invalid field combination."""
+        """Raise a one-line ``ConfigError`` for any invalid field combination."""
         check_shortcut(self.shortcut)
         if isinstance(self.stem, str) and self.stem not in STEMS:
-            raise ValueError(f"stem={self.stem!r} is not one of {STEMS} (or a module class, "
-                             "or its import path 'my_pkg.stems:MyStem').")
+            raise ConfigError(f"stem={self.stem!r} is not one of {STEMS} (or a module class, "
+                              "or its import path 'my_pkg.stems:MyStem').")
         for field in ("block_cls", "stem", "head"):
             value = getattr(self, field)
             if value is not None and not isinstance(value, str) and not callable(value):
-                raise ValueError(f"{field}={value!r} is not a module class.")
+                raise ConfigError(f"{field}={value!r} is not a module class.")
         if not self.stage_sizes or any(int(n) < 1 for n in self.stage_sizes):
-            raise ValueError(f"stage_sizes={tuple(self.stage_sizes)} needs >= 1 block per stage.")
+            raise ConfigError(f"stage_sizes={tuple(self.stage_sizes)} needs >= 1 block per stage.")
         if self.width < 1 or self.num_classes < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"width={self.width} and num_classes={self.num_classes} must be positive."
             )
         self._block_extras()
@@ -186,7 +190,7 @@ class ResNet(nn.Module):
                 if value is not None:
                     extras[name] = value
             elif value != default:
-                raise ValueError(
+                raise ConfigError(
                     f"{name}={value!r} is set but block {self.block_cls.__name__} has no field "
                     f"{name!r}; drop the override or add the field to the block."
                 )
@@ -194,7 +198,8 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, train: bool = False, bn_axis_name: str | None = None
+        self, x: Array, train: bool = False, bn_axis_name: str | None = None,
+        bn_groups: int = 1,
     ) -> Array | tuple[Array, dict[str, Array]]:
         self.validate()
         conv_fn = conv_function(self.conv_impl)
@@ -206,18 +211,20 @@ class ResNet(nn.Module):
             param_dtype=self.param_dtype,
             **({} if conv_fn is None else {"conv_general_dilated": conv_fn}),
         )
-        # conv_impl="onednn" is the CPU fast path: oneDNN convolutions, batch norm with a
-        # closed-form backward, a max pool with a cheap backward and the scanned blocks emitted
-        # as straight-line code; the same function and parameters (tests/test_onednn.py).
+        # conv_impl="onednn" is the CPU fast path: oneDNN convolutions, a max pool with a cheap
+        # backward and the scanned blocks emitted as straight-line code; the same function and
+        # parameters (tests/test_onednn.py). Every conv_impl gets the same norm class, ops.norm's
+        # (flax's BatchNorm with a closed-form JVP and ghost groups), so a fork's self.norm is one.
         fast = self.conv_impl == "onednn"
         norm = functools.partial(
-            fast_norm.BatchNorm if fast else nn.BatchNorm,
+            fast_norm.BatchNorm,
             use_running_average=not train,
             momentum=self.bn_momentum,
             epsilon=self.bn_epsilon,
             dtype=self.dtype,
             param_dtype=self.param_dtype,
             axis_name=bn_axis_name,
+            batch_groups=bn_groups,
         )
         block = functools.partial(
             self.block_cls,
@@ -228,8 +235,9 @@ class ResNet(nn.Module):
             **self._block_extras(),
         )
         scan_block = None
-        if self.scan_blocks and jax.default_backend() == "cpu" and conv_fn is None:
-            # XLA:CPU runs conv gradients inside loops ~60x slower unless kept canonical.
+        if self.scan_blocks and conv_fn is None:
+            # conv_impl="xla": XLA:CPU runs conv gradients inside loops ~60x slower unless kept
+            # canonical (models/conv.py); elsewhere this primitive lowers to XLA's standard.
             scan_conv = functools.partial(conv, conv_general_dilated=canonical_grad_conv)
             scan_block = functools.partial(block, conv=scan_conv)
         x = jnp.asarray(x, self.dtype)
@@ -270,7 +278,7 @@ class ResNet(nn.Module):
 def cifar_stage_sizes(depth: int) -> tuple[int, int, int]:
     """§4.2: depth = 6n + 2 -> three stages of n basic blocks."""
     if depth < 8 or (depth - 2) % 6:
-        raise ValueError(
+        raise ConfigError(
             f"CIFAR depth {depth} is not 6n+2 with n >= 1; use 8, 14, 20, 32, 44, 56, 110, ..."
         )
     n = (depth - 2) // 6

@@ -8,7 +8,8 @@ No dropout (the original uses 0.5 on fc6/fc7); ``use_bn=True`` puts BN after eve
 Parameter layout: ``block{b}_conv{i}/{kernel,bias}`` (``block{b}_bn{i}``), ``fc6``, ``fc7``,
 ``fc8``: one top-level part per weight layer, so ``summary`` lists all 19. Same contract
 as :class:`~resnet_jax.models.ResNet`: ``init(rng, x, train=False)``, ``apply(..., train=True,
-mutable=["batch_stats"], bn_axis_name=None)``; ``batch_stats`` exist only with ``use_bn``.
+mutable=["batch_stats"], bn_axis_name=None, bn_groups=1)``; ``batch_stats`` exist only with
+``use_bn`` (``resnet_jax.ops.norm.BatchNorm``, as ResNet's).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from resnet_jax.errors import ConfigError
 from resnet_jax.models.conv import conv_function
+from resnet_jax.ops.norm import BatchNorm
 
 Array = Any
 
@@ -48,7 +51,8 @@ class VGG(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: Array, train: bool = False, bn_axis_name: str | None = None
+        self, x: Array, train: bool = False, bn_axis_name: str | None = None,
+        bn_groups: int = 1,
     ) -> Array | tuple[Array, dict[str, Array]]:
         dtype, param_dtype = jnp.dtype(self.dtype), jnp.dtype(self.param_dtype)
         conv_fn = conv_function(self.conv_impl)
@@ -65,10 +69,11 @@ class VGG(nn.Module):
                     name=f"{block}_conv{i + 1}", **conv_args,
                 )(x)
                 if self.use_bn:
-                    x = nn.BatchNorm(
+                    x = BatchNorm(
                         use_running_average=not train, momentum=self.bn_momentum,
                         epsilon=self.bn_epsilon, dtype=dtype, param_dtype=param_dtype,
-                        axis_name=bn_axis_name, name=f"{block}_bn{i + 1}",
+                        axis_name=bn_axis_name, batch_groups=bn_groups,
+                        name=f"{block}_bn{i + 1}",
                     )(x)
                 x = self.act(x)
             x = nn.max_pool(x, (2, 2), strides=(2, 2))
@@ -89,5 +94,5 @@ def vgg19(**overrides: Any) -> VGG:
     fields = {f.name for f in dataclasses.fields(VGG)} - {"parent", "name"}
     unknown = sorted(set(overrides) - fields)
     if unknown:
-        raise ValueError(f"unknown VGG override(s) {unknown}; valid fields: {sorted(fields)}.")
+        raise ConfigError(f"unknown VGG override(s) {unknown}; valid fields: {sorted(fields)}.")
     return VGG(**overrides)

@@ -1,27 +1,29 @@
-"""Batch norm with a hand-written backward pass: a drop-in for ``flax.linen.BatchNorm``.
+"""Batch norm as one ``jax.custom_jvp``: a drop-in for ``flax.linen.BatchNorm`` that composes.
 
-Same constructor fields as the ``functools.partial(nn.BatchNorm, use_running_average=...,
-momentum=..., epsilon=..., dtype=..., param_dtype=..., axis_name=...)`` that ``ResNet`` builds,
-same parameters (``scale``, ``bias``) and ``batch_stats`` (``mean``, ``var``), same function:
-statistics in float32 with flax's fast variance (E[x^2] - E[x]^2, clipped at 0), running
-statistics ``momentum * old + (1 - momentum) * batch`` (not updated at init), ``axis_name``
-averaging both moments over devices with one ``lax.pmean``.
+Same constructor fields as ``flax.linen.BatchNorm``, same parameters (``scale``, ``bias``) and
+``batch_stats`` (``mean``, ``var``), same function: statistics in float32 with flax's fast
+variance (E[x^2] - E[x]^2, clipped at 0), running statistics ``momentum * old +
+(1 - momentum) * batch`` (not updated at init), ``axis_name`` averaging both moments over
+devices with one ``lax.pmean``. One field more, ``batch_groups``: "ghost" batch norm, the batch
+split into that many equal groups with their own statistics (§3.4: the paper's BN batches are
+the per-GPU slices of the minibatch), the running statistics averaged over the groups.
 
-Training mode differentiates through a ``jax.custom_vjp`` whose backward is the closed form
+Training mode is :func:`batch_norm_train`, a ``jax.custom_jvp`` whose tangent rule is the
+closed form (means over the group's batch and, with ``axis_name``, over devices)
 
-    dx = scale * inv_std * (dy - mean(dy) - xhat * mean(dy * xhat)),
-    dscale = sum(dy * xhat), dbias = sum(dy)
+    dy = scale * inv_std * (dx - mean(dx) - xhat * mean(dx * xhat)) + dscale * xhat + dbias
 
-(means over the batch and, with ``axis_name``, over devices), instead of autodiff through the
-mean, the variance and the normalisation, so XLA sees one reduction pass and one elementwise
-pass. The returned batch statistics are not differentiable (their cotangents must be zero,
-as in a train step where they are auxiliary outputs).
+written so that its transpose (what ``grad`` runs) is the classic backward: two per-channel
+reductions, ``sum(g)`` and ``sum(g * xhat)``, shared with ``dbias`` and ``dscale``, and one
+elementwise pass for ``dx``. Being a JVP in plain ``lax`` ops, it composes with every transform:
+``jvp``, ``linearize``, ``jacfwd``, ``hessian``, grad-of-grad, ``vmap`` of grad. The batch
+statistics are differentiable too (``dmean = mean(dx)``, ``dvar = 2 mean((x - mean) dx)``,
+0 where the variance is clipped).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -29,20 +31,78 @@ import jax
 import jax.numpy as jnp
 from flax.linen import dtypes
 from jax import lax
-from jax.custom_derivatives import SymbolicZero
+
+from resnet_jax.errors import ConfigError
 
 Array = Any
 
 
-def _moments(x: Array, axis_name: str | None, groups: Any) -> tuple[Array, Array]:
-    """float32 (mean, var) over all axes but the last; with ``axis_name``, over devices too."""
-    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    axes = tuple(range(x.ndim - 1))
-    mu, mu2 = x.mean(axes), lax.square(x).mean(axes)
-    if axis_name is not None:
-        stacked = lax.pmean(jnp.stack([mu, mu2]), axis_name, axis_index_groups=groups)
-        mu, mu2 = stacked[0], stacked[1]
-    return mu, jnp.maximum(0.0, mu2 - lax.square(mu))
+def _split(x: Array, groups: int) -> tuple[Array, tuple[int, ...]]:
+    """``x`` as (groups, N / groups, ...) (unchanged for one group) and its reduction axes."""
+    if groups > 1:
+        x = x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+        return x, tuple(range(1, x.ndim - 1))
+    return x, tuple(range(x.ndim - 1))
+
+
+def _pmean2(a: Array, b: Array, axis_name: str | None, axis_index_groups: Any):
+    """``a``, ``b`` averaged over ``axis_name`` with one collective (as they are without)."""
+    if axis_name is None:
+        return a, b
+    stacked = lax.pmean(jnp.stack([a, b]), axis_name, axis_index_groups=axis_index_groups)
+    return stacked[0], stacked[1]
+
+
+def _per_channel(s: Array, groups: int) -> Array:
+    """(C,) from keepdims statistics of shape (groups, 1, ..., 1, C): the mean over groups."""
+    s = s.reshape(groups, s.shape[-1]) if groups > 1 else s.reshape(s.shape[-1])
+    return s.mean(0) if groups > 1 else s
+
+
+def _primal(x, scale, bias, epsilon, axis_name, axis_index_groups, out_dtype, groups):
+    xg, axes = _split(x, groups)
+    xf = xg.astype(jnp.promote_types(xg.dtype, jnp.float32))
+    mean, mean2 = _pmean2(xf.mean(axes, keepdims=True), lax.square(xf).mean(axes, keepdims=True),
+                          axis_name, axis_index_groups)
+    raw_var = mean2 - lax.square(mean)  # flax's fast variance, clipped below
+    var = jnp.maximum(0.0, raw_var)
+    inv_std = lax.rsqrt(var + epsilon)
+    y = _normalize(xg, mean, var, scale, bias, epsilon, out_dtype).reshape(x.shape)
+    return (y, mean, var), (xf, axes, raw_var, inv_std)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6, 7))
+def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float,
+                     axis_name: str | None, axis_index_groups: Any, out_dtype: Any,
+                     groups: int = 1) -> tuple[Array, Array, Array]:
+    """(y, batch mean, batch var) of training-mode batch norm over all axes but the last.
+
+    ``groups > 1``: the leading (batch) axis is split into that many equal groups, each
+    normalised with its own statistics; the returned (C,) mean and var are averaged over groups.
+    """
+    (y, mean, var), _ = _primal(x, scale, bias, epsilon, axis_name, axis_index_groups,
+                                out_dtype, groups)
+    return y, _per_channel(mean, groups), _per_channel(var, groups)
+
+
+@batch_norm_train.defjvp
+def _batch_norm_jvp(epsilon, axis_name, axis_index_groups, out_dtype, groups, primals, tangents):
+    x, scale, bias = primals
+    dx, dscale, dbias = tangents
+    (y, mean, var), (xf, axes, raw_var, inv_std) = _primal(
+        x, scale, bias, epsilon, axis_name, axis_index_groups, out_dtype, groups)
+    xhat = (xf - mean) * inv_std
+    a = inv_std * scale
+    dxg = _split(dx, groups)[0].astype(xf.dtype)
+    d_mean, d_corr = _pmean2(dxg.mean(axes, keepdims=True),
+                             (xhat * dxg).mean(axes, keepdims=True), axis_name, axis_index_groups)
+    # Grouped so the transpose reduces the cotangent g only as sum(g) and sum(xhat * g), each
+    # shared by the dx term and dbias / dscale; the Jacobian in x is self-adjoint per channel.
+    dy = a * dxg + xhat * (dscale - a * d_corr) + (dbias - a * d_mean)
+    d_var = jnp.where(raw_var > 0, 2.0 * d_corr / inv_std, 0.0)  # 2 mean((x - mean) dx)
+    dy = dy.astype(y.dtype).reshape(x.shape)
+    primal_out = (y, _per_channel(mean, groups), _per_channel(var, groups))
+    return primal_out, (dy, _per_channel(d_mean, groups), _per_channel(d_var, groups))
 
 
 def _normalize(x, mean, var, scale, bias, epsilon, out_dtype):
@@ -51,70 +111,37 @@ def _normalize(x, mean, var, scale, bias, epsilon, out_dtype):
     return y.astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
-def batch_norm_train(x: Array, scale: Array, bias: Array, epsilon: float,
-                     axis_name: str | None, groups: Any, out_dtype: Any):
-    """(y, batch mean, batch var) of training-mode batch norm over all axes but the last."""
-    mean, var = _moments(x, axis_name, groups)
-    return _normalize(x, mean, var, scale, bias, epsilon, out_dtype), mean, var
+class BatchNorm(nn.BatchNorm):
+    """``flax.linen.BatchNorm`` (a subclass: same fields, variables and ``isinstance``) over the
+    last axis, :func:`batch_norm_train` for training.
 
+    ``batch_groups``: ghost batch norm, statistics per group of ``N / batch_groups`` examples
+    (a ``ConfigError`` when the batch does not split), running statistics averaged over groups.
+    """
 
-def _fwd(x, scale, bias, epsilon, axis_name, groups, out_dtype):
-    x, scale, bias = x.value, scale.value, bias.value
-    mean, var = _moments(x, axis_name, groups)
-    y = _normalize(x, mean, var, scale, bias, epsilon, out_dtype)
-    return (y, mean, var), (x, mean, lax.rsqrt(var + epsilon), scale, bias)
-
-
-def _bwd(epsilon, axis_name, groups, out_dtype, res, cts):
-    x, mean, inv_std, scale, bias = res
-    dy, dmean, dvar = cts
-    if not (isinstance(dmean, SymbolicZero) and isinstance(dvar, SymbolicZero)):
-        raise NotImplementedError(
-            "resnet_jax.ops.norm.batch_norm_train: the batch statistics are not differentiable")
-    axes = tuple(range(x.ndim - 1))
-    if isinstance(dy, SymbolicZero):
-        return (jnp.zeros_like(x), jnp.zeros_like(scale), jnp.zeros_like(bias))
-    f32 = jnp.promote_types(x.dtype, jnp.float32)
-    g = dy.astype(f32)
-    xhat = (x.astype(f32) - mean) * inv_std
-    dbias = g.sum(axes)
-    dscale = (g * xhat).sum(axes)
-    n = x.size // x.shape[-1]
-    mg, mgx = dbias / n, dscale / n
-    if axis_name is not None:
-        stacked = lax.pmean(jnp.stack([mg, mgx]), axis_name, axis_index_groups=groups)
-        mg, mgx = stacked[0], stacked[1]
-    dx = (scale * inv_std) * (g - mg - xhat * mgx)
-    return (dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(bias.dtype))
-
-
-batch_norm_train.defvjp(_fwd, _bwd, symbolic_zeros=True)
-
-
-class BatchNorm(nn.Module):
-    """``flax.linen.BatchNorm`` over the last axis, with :func:`batch_norm_train` for training."""
-
-    use_running_average: bool | None = None
-    axis: int = -1
-    momentum: float = 0.99
-    epsilon: float = 1e-5
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    use_bias: bool = True
-    use_scale: bool = True
-    bias_init: Callable[..., Array] = nn.initializers.zeros
-    scale_init: Callable[..., Array] = nn.initializers.ones
-    axis_name: str | None = None
-    axis_index_groups: Any = None
+    batch_groups: int = 1
 
     @nn.compact
-    def __call__(self, x: Array, use_running_average: bool | None = None) -> Array:
+    def __call__(self, x: Array, use_running_average: bool | None = None, *,
+                 mask: Array | None = None) -> Array:
         use_running_average = nn.merge_param(
             "use_running_average", self.use_running_average, use_running_average)
+        if mask is not None:
+            raise ConfigError("resnet_jax.ops.norm.BatchNorm takes no mask; call "
+                              "flax.linen.BatchNorm for masked statistics")
         if self.axis not in (-1, x.ndim - 1):
-            raise ValueError(f"resnet_jax.ops.norm.BatchNorm normalises the last axis only "
-                             f"(axis={self.axis}); use flax.linen.BatchNorm")
+            raise ConfigError(f"resnet_jax.ops.norm.BatchNorm normalises the last axis only "
+                              f"(axis={self.axis}); use flax.linen.BatchNorm")
+        if not (self.use_fast_variance and self.force_float32_reductions):
+            raise ConfigError("resnet_jax.ops.norm.BatchNorm computes flax's fast float32 "
+                              "statistics only; drop use_fast_variance/force_float32_reductions")
+        groups = int(self.batch_groups)
+        if groups < 1 or (groups > 1 and (x.ndim < 2 or x.shape[0] % groups)):
+            raise ConfigError(f"a BN batch of {x.shape[0] if x.ndim else 0} examples does not "
+                              f"split into bn_groups={groups}; make the batch a multiple of it")
+        if groups > 1 and self.axis_name is not None:
+            raise ConfigError(f"bn_groups={groups} with axis_name={self.axis_name!r}: per-group "
+                              "statistics are not synced; use one of them (bn_sync=False)")
         features = (x.shape[-1],)
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, jnp.float32),
                                 features)
@@ -138,11 +165,12 @@ class BatchNorm(nn.Module):
                               out_dtype)
         initializing = self.is_initializing()
         axis_name = None if initializing else self.axis_name
-        groups = self.axis_index_groups
-        groups = None if groups is None else tuple(tuple(int(i) for i in g) for g in groups)
-        y, mean, var = batch_norm_train(x, scale_v, bias_v, self.epsilon, axis_name, groups,
-                                        out_dtype)
+        aig = self.axis_index_groups
+        aig = None if aig is None else tuple(tuple(int(i) for i in g) for g in aig)
+        y, mean, var = batch_norm_train(x, scale_v, bias_v, self.epsilon, axis_name, aig,
+                                        out_dtype, groups)
         if not initializing:
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         return y
+

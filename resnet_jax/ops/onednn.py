@@ -3,16 +3,17 @@
 jaxlib runs CPU convolutions through its own kernels, at 0.1-0.9x of oneDNN (PyTorch's CPU
 library) per op (benchmarks/RESULTS.md). This module compiles ``onednn.cc`` (three FFI handlers:
 forward, input gradient, weight gradient) against the oneDNN of the ``[onednn]`` extra and the
-FFI headers of the running jaxlib, registers them for the CPU platform, and exposes
-:func:`conv_general_dilated`, a drop-in for ``lax.conv_general_dilated`` that
-``flax.linen.Conv(conv_general_dilated=...)`` takes::
+FFI headers of the running jaxlib, registers them for the CPU platform as the CPU lowering of
+:mod:`resnet_jax.ops.conv`'s primitives with ``impl="onednn"`` (so jvp, grad, vmap and their
+compositions all run these kernels), and exposes :func:`conv_general_dilated`, a drop-in for
+``lax.conv_general_dilated`` that ``flax.linen.Conv(conv_general_dilated=...)`` takes::
 
     pip install -e ".[onednn]" && python -m resnet_jax.ops.onednn build
 
 The library is built once per (source, jaxlib, oneDNN, compiler) into a cache directory
 (``$RESNET_JAX_CACHE`` or ``~/.cache/resnet_jax``), a few seconds with g++; ``build`` does it
-ahead of time, and the first use does it otherwise. On GPU/TPU the same function lowers to
-XLA's convolution (``lax.platform_dependent``), so a config that says "onednn" still runs there.
+ahead of time, and the first use does it otherwise. On GPU/TPU the same primitives lower to
+XLA's convolution and its transposes, so a config that says "onednn" still runs there.
 
 Threads (``RESNET_JAX_ONEDNN_THREADING``): "pool" (default) splits each call's batch into
 single-threaded oneDNN slices run on XLA's own intra-op thread pool (the FFI thread-pool
@@ -47,7 +48,8 @@ from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from resnet_jax.errors import ExtensionUnavailable
+from resnet_jax.errors import ConfigError, ExtensionUnavailable
+from resnet_jax.ops import conv as conv_ops
 
 SOURCE = Path(__file__).with_name("onednn.cc")
 EXTRA = 'pip install -e ".[onednn]"'  # the README's command for the optional extra
@@ -160,7 +162,7 @@ def threading_mode() -> str:
     """``RESNET_JAX_ONEDNN_THREADING``: "pool" (default) or "openmp" (read when tracing)."""
     mode = os.environ.get("RESNET_JAX_ONEDNN_THREADING", "pool")
     if mode not in THREADING:
-        raise ValueError(f"RESNET_JAX_ONEDNN_THREADING={mode!r} is not one of {THREADING}.")
+        raise ConfigError(f"RESNET_JAX_ONEDNN_THREADING={mode!r} is not one of {THREADING}.")
     return mode
 
 
@@ -188,7 +190,7 @@ def _ffi(name: str, a: jax.Array, b: jax.Array, out_shape: tuple[int, ...],
                  pad_left=pl, pad_right=pr, **_threading_attrs())
     return jax.ffi.ffi_call(
         f"resnet_jax_onednn_{name}", jax.ShapeDtypeStruct(out_shape, a.dtype),
-        vmap_method="sequential",  # not reached: _call's vmap rule comes first
+        vmap_method="sequential",  # not reached: the primitives' vmap rule comes first
     )(a, b, **{k: np.int64(v) for k, v in attrs.items()})
 
 
@@ -243,67 +245,18 @@ def _partitioned(name: str) -> Any:
 _CALLS = {name: _partitioned(name) for name in _TARGETS}
 
 
-def _call(name: str, a: jax.Array, b: jax.Array, out_shape: tuple[int, ...],
-          strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> jax.Array:
-    """One FFI call (partitioned over a mesh) with a vmap rule: a vmapped batch of
-    activations under one kernel folds into the call's own batch (one call); anything else
-    (per-example weight gradients, batched kernels) runs one call per element (``lax.map``)."""
+_KINDS = {"fwd": "conv_fwd", "input_grad": "conv_bwd_data", "weight_grad": "conv_bwd_weights"}
+
+
+def _kernel(kind: str, a: jax.Array, b: jax.Array, out_shape: tuple[int, ...],
+            strides: tuple[int, int], padding: tuple[tuple[int, int], ...]) -> jax.Array:
+    """The CPU lowering of :mod:`resnet_jax.ops.conv`'s ``kind`` for ``impl="onednn"``: one FFI
+    call, partitioned over a mesh (its vmap rule is the primitive's, in ops/conv.py)."""
     load()  # register the targets before anything is lowered
-    out_shape = tuple(out_shape)
-
-    @jax.custom_batching.custom_vmap
-    def call(a, b):
-        return _CALLS[name](a, b, out_shape, strides, padding)
-
-    @call.def_vmap
-    def rule(axis_size, in_batched, a, b):
-        a_batched, b_batched = in_batched
-        if name != "conv_bwd_weights" and a_batched and not b_batched:
-            n = a.shape[1]
-            y = _call(name, a.reshape(axis_size * n, *a.shape[2:]), b,
-                      (axis_size * n, *out_shape[1:]), strides, padding)
-            return y.reshape(axis_size, n, *y.shape[1:]), True
-        a = a if a_batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-        b = b if b_batched else jnp.broadcast_to(b, (axis_size, *b.shape))
-        return lax.map(lambda ab: _call(name, *ab, out_shape, strides, padding), (a, b)), True
-
-    return call(a, b)
+    return _CALLS[_KINDS[kind]](a, b, tuple(out_shape), strides, padding)
 
 
-def _xla(x: jax.Array, w: jax.Array, strides, padding) -> jax.Array:
-    return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DN)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(x: jax.Array, w: jax.Array, strides: tuple[int, int],
-          padding: tuple[tuple[int, int], ...]) -> jax.Array:
-    out_shape = jax.eval_shape(functools.partial(_xla, strides=strides, padding=padding), x, w)
-    return lax.platform_dependent(
-        x, w,
-        cpu=lambda x, w: _call("conv_fwd", x, w, out_shape.shape, strides, padding),
-        default=lambda x, w: _xla(x, w, strides, padding),
-    )
-
-
-def _conv_fwd(x, w, strides, padding):
-    return _conv(x, w, strides, padding), (x, w)
-
-
-def _conv_bwd(strides, padding, res, g):
-    x, w = res
-
-    def xla_grads(x, w, g):
-        return jax.vjp(lambda x, w: _xla(x, w, strides, padding), x, w)[1](g)
-
-    def onednn_grads(x, w, g):
-        dx = _call("conv_bwd_data", g, w, x.shape, strides, padding)
-        dw = _call("conv_bwd_weights", x, g, w.shape, strides, padding)
-        return dx, dw
-
-    return lax.platform_dependent(x, w, g, cpu=onednn_grads, default=xla_grads)
-
-
-_conv.defvjp(_conv_fwd, _conv_bwd)
+conv_ops.register_cpu_kernels("onednn", _kernel, needs_devices=True)
 
 
 def conv_general_dilated(
@@ -339,7 +292,7 @@ def conv_general_dilated(
     if preferred_element_type is not None and preferred_element_type != lhs.dtype:
         problems.append(f"preferred_element_type={preferred_element_type}")
     if problems:
-        raise ValueError(
+        raise ConfigError(
             f"the oneDNN convolution does not take {', '.join(problems)}; "
             "use conv_impl='xla' (--config.conv=xla) for this model"
         )
@@ -348,9 +301,9 @@ def conv_general_dilated(
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
     if any(p < 0 for pair in pads for p in pair):
-        raise ValueError(f"the oneDNN convolution takes no negative padding ({pads}); "
-                         "use conv_impl='xla' for this model")
-    return _conv(lhs, rhs, strides, pads)
+        raise ConfigError(f"the oneDNN convolution takes no negative padding ({pads}); "
+                          "use conv_impl='xla' for this model")
+    return conv_ops.conv(lhs, rhs, strides, pads, impl="onednn")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ builds, and which of its fields may change when a run resumes from a checkpoint.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -12,14 +12,16 @@ import ml_collections
 from ml_collections import config_dict
 
 from resnet_jax import data, models, parallel
-from resnet_jax.errors import CheckpointMismatch
+from resnet_jax.errors import CheckpointMismatch, ConfigError
 from resnet_jax.train import optim
 
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Config fields that may change between a checkpoint and its resume: they steer the run, not
 # what is computed. Any other difference is a CheckpointMismatch. A key matches itself and its
-# sub-keys ("distributed" covers "distributed.process_id").
+# sub-keys ("distributed" covers "distributed.process_id"). What they change in the math (a
+# cosine schedule's horizon, the BN group size through the device count) is checked on its own
+# (run_facts / check_run_facts).
 RESUME_SAFE_FIELDS = (
     "num_train_steps", "num_epochs", "eval_every_steps", "log_every_steps",
     "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "parallel", "cpu_devices",
@@ -152,8 +154,11 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.batch_size = 128  # global, over all processes and devices
     c.eval_batch_size = 512  # a power of two splits over any power-of-two device count
+    # The run's length, in one of two units: the other field is -1 ("from the other one").
+    # Both > 0 is refused (optim.check_run_length); on the command line, the one given wins
+    # (length_from_overrides). The loop and every schedule use optim.total_steps.
     c.num_train_steps = 64_000
-    c.num_epochs = -1.0  # > 0: overrides num_train_steps using the dataset size
+    c.num_epochs = -1.0  # > 0 (with num_train_steps=-1): epochs of the training split
     c.eval_every_steps = 2_000
     c.log_every_steps = 100
     c.checkpoint_every_steps = 2_000
@@ -190,7 +195,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.lars_trust_coefficient = 0.001
     c.label_smoothing = 0.0  # Szegedy et al. 2016, in the loss only; metrics stay top-1/top-5
     c.profile_steps = ""  # "START,STOP": a jax.profiler trace of steps START..STOP-1 in workdir
-    c.ema_decay = 0.0  # > 0: also keep an EMA of the weights, evaluated beside them (not in paper)
+    c.ema_decay = 0.0  # > 0: also keep an EMA of the weights (debiased as optax.ema), evaluated
+    #   beside them (not in the paper)
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.initialize = False  # True: jax.distributed.initialize() (cluster auto-detect)
@@ -200,6 +206,77 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+LENGTH_FIELDS = ("num_train_steps", "num_epochs")
+
+
+def length_from_overrides(config: ml_collections.ConfigDict, overrides: Collection[str]) -> str:
+    """Command-line overrides name the run's length in one unit: when ``overrides`` (the dotted
+    names set on the command line, ``config_flags.get_override_values``) set exactly one of
+    ``num_train_steps`` / ``num_epochs`` to > 0, the other one is set to -1 so the given one
+    wins (``--config.num_train_steps=2`` on an epoch-counted ImageNet config runs 2 steps;
+    ``--config.num_epochs=3`` on a step-counted one runs 3 epochs). Both given and > 0 stays
+    a :class:`ConfigError` at validation. Returns what was cleared ("" if nothing), in place."""
+    given = [f for f in LENGTH_FIELDS if f in overrides and config[f] > 0]
+    if len(given) != 1:
+        return ""
+    (other,) = (f for f in LENGTH_FIELDS if f != given[0])
+    if config[other] <= 0:
+        return ""
+    note = f"{other}={config[other]!r} -> -1 (the run's length is {given[0]}={config[given[0]]!r})"
+    config[other] = type(config[other])(-1)
+    return note
+
+
+def run_facts(config: ml_collections.ConfigDict, steps_per_epoch: float | None,
+              device_count: int) -> dict[str, Any]:
+    """What a run computes that no single config field states, as JSON (saved with every
+    checkpoint, compared on resume by :func:`check_run_facts`): the resolved length
+    ``total_steps``, the ``schedule_horizon`` the LR values depend on (cosine: the total; else
+    None), ``lr_boundaries_steps`` and ``warmup_steps`` in steps, and ``bn_group_size``, the
+    examples per BN batch: the global batch with ``bn_sync``, else the per-device batch
+    ``batch_size / device_count`` (the paper's per-GPU BN, §3.4), with ``device_count``."""
+    piecewise = config.schedule == "piecewise"
+    return {
+        "total_steps": optim.total_steps(config, steps_per_epoch),
+        "schedule_horizon": optim.schedule_horizon(config, steps_per_epoch),
+        "lr_boundaries_steps": list(optim.boundaries_in_steps(config, steps_per_epoch))
+        if piecewise else [],
+        "warmup_steps": optim.warmup_steps(config, steps_per_epoch),
+        "bn_group_size": int(config.batch_size if config.bn_sync
+                             else config.batch_size // device_count),
+        "device_count": int(device_count),
+    }
+
+
+def check_run_facts(saved: Mapping[str, Any] | None, now: Mapping[str, Any], where: str,
+                    saved_config: Mapping[str, Any]) -> str:
+    """Raise :class:`CheckpointMismatch` if the run's math changed since ``saved`` (a
+    :func:`run_facts` record): the schedule horizon, boundaries or warm-up in steps, or the BN
+    group size. Returns a warning ("" if none) for a checkpoint saved before these were
+    recorded (``saved`` None: not checked)."""
+    if saved is None:
+        return (f"{where} predates the recorded schedule horizon and BN group size (and its EMA, "
+                "if any, was not debiased): they are not checked on this resume.")
+    length = ", ".join(f"--config.{f}={saved_config.get(f)!r}" for f in LENGTH_FIELDS)
+    fixes = {
+        "schedule_horizon": f"the cosine schedule decays over the run's length; resume with "
+                            f"the saved one ({length})",
+        "lr_boundaries_steps": "the boundaries resolve to other steps (dataset size changed?); "
+                               "restore the dataset and batch the run was started with",
+        "warmup_steps": "warm-up resolves to other steps (dataset size changed?); restore the "
+                        "dataset and batch the run was started with",
+        "bn_group_size": f"BN statistics would be computed over groups of another size; run on "
+                         f"{saved.get('device_count')} device(s) (e.g. --config.cpu_devices="
+                         f"{saved.get('device_count')} on CPU)",
+    }
+    for field, fix in fixes.items():
+        if field in saved and saved[field] != now[field]:
+            raise CheckpointMismatch(
+                f"{where} was written with {field}={saved[field]!r}, this run has "
+                f"{now[field]!r}: {fix}, or use another --workdir.")
+    return ""
+
+
 def profile_window(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
     """``config.profile_steps`` ("START,STOP") as (start, stop), or None when unset."""
     text = str(config.get("profile_steps", "") or "").strip()
@@ -207,29 +284,30 @@ def profile_window(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
         return None
     parts = text.split(",")
     if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"profile_steps={text!r}: give START,STOP step indices, e.g. "
-                         "--config.profile_steps=10,20")
+        raise ConfigError(f"profile_steps={text!r}: give START,STOP step indices, e.g. "
+                          "--config.profile_steps=10,20")
     start, stop = (int(p) for p in parts)
     if not start < stop:
-        raise ValueError(f"profile_steps={text!r}: START must be below STOP, e.g. 10,20")
+        raise ConfigError(f"profile_steps={text!r}: START must be below STOP, e.g. 10,20")
     return start, stop
 
 
 def _one_of(config: ml_collections.ConfigDict, field: str, allowed: tuple[str, ...]) -> None:
     value = config[field]
     if value not in allowed:
-        raise ValueError(
+        raise ConfigError(
             f"{field}={value!r} is not one of {allowed}; e.g. --config.{field}={allowed[0]}."
         )
 
 
 def _positive(config: ml_collections.ConfigDict, field: str) -> None:
     if not config[field] > 0:
-        raise ValueError(f"{field}={config[field]!r} must be > 0; set --config.{field}=<positive>.")
+        raise ConfigError(f"{field}={config[field]!r} must be > 0; "
+                          f"set --config.{field}=<positive>.")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
-    """Raise a one-line ValueError naming the bad field and the fix; touches no devices.
+    """Raise a one-line ``ConfigError`` naming the bad field and the fix; touches no devices.
 
     The model name and ``model_kwargs`` are checked by building the (untraced) module, so they
     fail before any data is read; the dataset name by ``data.info``, batch divisibility by
@@ -249,27 +327,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for field in ("batch_size", "eval_batch_size", "eval_every_steps", "log_every_steps",
                   "checkpoint_every_steps", "keep_checkpoints", "learning_rate"):
         _positive(config, field)
-    if config.num_epochs <= 0:
-        _positive(config, "num_train_steps")
+    optim.check_run_length(config)
     if config.cpu_devices < 0:
-        raise ValueError(f"cpu_devices={config.cpu_devices} must be >= 0 (0: JAX's default; "
-                         "N: one CPU device per core, e.g. --config.cpu_devices=2).")
+        raise ConfigError(f"cpu_devices={config.cpu_devices} must be >= 0 (0: JAX's default; "
+                          "N: one CPU device per core, e.g. --config.cpu_devices=2).")
     if not 0.0 <= config.momentum < 1.0:
-        raise ValueError(f"momentum={config.momentum} must be in [0, 1); the paper uses 0.9.")
+        raise ConfigError(f"momentum={config.momentum} must be in [0, 1); the paper uses 0.9.")
     if config.weight_decay < 0:
-        raise ValueError(f"weight_decay={config.weight_decay} must be >= 0; the paper uses 1e-4.")
+        raise ConfigError(f"weight_decay={config.weight_decay} must be >= 0; the paper uses 1e-4.")
     if not 0.0 <= config.ema_decay < 1.0:
-        raise ValueError(f"ema_decay={config.ema_decay} must be in [0, 1); 0 turns the EMA off, "
-                         "e.g. --config.ema_decay=0.9999.")
+        raise ConfigError(f"ema_decay={config.ema_decay} must be in [0, 1); 0 turns the EMA off, "
+                          "e.g. --config.ema_decay=0.9999.")
     if not 0.0 <= config.label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing={config.label_smoothing} must be in [0, 1).")
+        raise ConfigError(f"label_smoothing={config.label_smoothing} must be in [0, 1).")
     if not 0.0 < config.lr_decay_factor <= 1.0:
-        raise ValueError(f"lr_decay_factor={config.lr_decay_factor} must be in (0, 1].")
+        raise ConfigError(f"lr_decay_factor={config.lr_decay_factor} must be in (0, 1].")
     if config.warmup_steps < 0 or config.warmup_epochs < 0:
-        raise ValueError(f"warmup_steps={config.warmup_steps} and warmup_epochs="
-                         f"{config.warmup_epochs} must be >= 0.")
+        raise ConfigError(f"warmup_steps={config.warmup_steps} and warmup_epochs="
+                          f"{config.warmup_epochs} must be >= 0.")
     bounds = list(config.lr_boundaries)
     if config.schedule == "piecewise" and bounds != sorted(bounds):
-        raise ValueError(f"lr_boundaries={tuple(bounds)} must be increasing, e.g. (32000, 48000).")
+        raise ConfigError(f"lr_boundaries={tuple(bounds)} must be increasing, e.g. (32000, 48000).")
     if config.nesterov and not config.momentum:
-        raise ValueError("nesterov=True needs momentum > 0; set --config.momentum=0.9.")
+        raise ConfigError("nesterov=True needs momentum > 0; set --config.momentum=0.9.")

@@ -24,7 +24,9 @@ import numpy as np
 from resnet_jax import data, parallel
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
+from resnet_jax.train import optim
 from resnet_jax.train import preprocess as preprocess_lib
+from resnet_jax.train import workdir as workdir_lib
 from resnet_jax.train.config import build_model
 from resnet_jax.train.evaluate import compile_eval, describe, evaluate
 from resnet_jax.train.policy import TrainingCheckpoints
@@ -42,10 +44,9 @@ def _log(message: str) -> None:
 
 
 def num_train_steps(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
-    """``num_train_steps``, or ``num_epochs`` worth of global batches when that is > 0."""
-    if config.num_epochs > 0:
-        return max(1, round(config.num_epochs * num_train_examples / config.batch_size))
-    return int(config.num_train_steps)
+    """``num_train_steps``, or ``num_epochs`` worth of global batches when that is > 0
+    (``optim.total_steps``: the same count every schedule is defined over)."""
+    return optim.total_steps(config, num_train_examples / config.batch_size)
 
 
 def device_gather(config: ml_collections.ConfigDict) -> Callable[[Any], Any] | None:
@@ -59,6 +60,7 @@ def device_gather(config: ml_collections.ConfigDict) -> Callable[[Any], Any] | N
     return functools.partial(gather_fn, gather_fn.replicate(data.device_table(config)))
 
 
+@workdir_lib.scoped  # the workdir lock is released when the run ends
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Train ``num_train_steps``, evaluating every ``eval_every_steps`` and at the end.
 
@@ -75,8 +77,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     parallel.check_batch_size(config.eval_batch_size, "eval_batch_size")
     info = data.info(config)
     model = build_model(config, info.num_classes)
+    # One run per workdir (errors.WorkdirBusy): once the config is known good, before any file.
+    workdir_lib.lock(workdir)
     steps_per_epoch = info.num_train / config.batch_size
-    total_steps = num_train_steps(config, info.num_train)
+    total_steps = optim.total_steps(config, steps_per_epoch)  # the schedules' count too
     is_main = jax.process_index() == 0
 
     rng = jax.random.PRNGKey(config.seed)
@@ -101,7 +105,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     eval_fn = compile_eval(config)
     ckpt = TrainingCheckpoints(
-        workdir, config, num_classes=info.num_classes, image_shape=info.image_shape
+        workdir, config, num_classes=info.num_classes, image_shape=info.image_shape,
+        steps_per_epoch=steps_per_epoch,
     )
     state, start_step, base_rng = ckpt.restore(state, base_rng)  # (state, 0, base_rng) if none
     # Per-step keys are derived on the host's CPU device: a fold_in on the accelerator would queue

@@ -48,7 +48,11 @@ class MetricWriter:
                     wall_time=time.time(), step=int(purge_step),
                     session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
             self._tb.flush()
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a" if append else "w")  # noqa: SIM115
+            path = os.path.join(workdir, "metrics.jsonl")
+            if not append:  # a new empty file by rename (tmp + os.replace), never a truncation
+                open(path + ".tmp", "w").close()  # under another writer's offset: no torn lines
+                os.replace(path + ".tmp", path)
+            self._jsonl = open(path, "a")  # noqa: SIM115  (O_APPEND: each line lands whole)
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         """One JSON line ``{"step": step, **scalars}`` and one TensorBoard scalar per key."""

@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from resnet_jax.errors import ConfigError
+
 OPTIMIZERS = ("sgd", "lars")
 SCHEDULES = ("piecewise", "cosine", "constant")
 WARMUPS = ("constant", "linear")
@@ -31,6 +33,53 @@ def base_learning_rate(config: ml_collections.ConfigDict) -> float:
     return lr
 
 
+def check_run_length(config: ml_collections.ConfigDict) -> None:
+    """Raise :class:`ConfigError` unless exactly one of ``num_train_steps`` and ``num_epochs`` is
+    > 0: the run's length is given in one unit (the other is -1, "from the other field")."""
+    steps, epochs = int(config.num_train_steps), float(config.num_epochs)
+    if steps > 0 and epochs > 0:
+        raise ConfigError(
+            f"num_train_steps={steps} and num_epochs={epochs:g} both set the run's length; keep "
+            f"one: --config.num_epochs=-1 to run {steps} steps, or --config.num_train_steps=-1 "
+            f"to run {epochs:g} epochs.")
+    if steps <= 0 and epochs <= 0:
+        raise ConfigError(
+            f"num_train_steps={steps} and num_epochs={epochs:g}: set one of them > 0, e.g. "
+            "--config.num_train_steps=1000 or --config.num_epochs=3.")
+
+
+def total_steps(config: ml_collections.ConfigDict, steps_per_epoch: float | None) -> int:
+    """The run's number of updates: ``num_train_steps``, or ``num_epochs`` worth of global
+    batches (``round(num_epochs * steps_per_epoch)``, at least 1).
+
+    The one place the length is resolved: the loop runs this many steps and every schedule
+    (cosine's horizon) is defined over it. ``steps_per_epoch`` = dataset size / ``batch_size``.
+    """
+    check_run_length(config)
+    if config.num_epochs > 0:
+        if steps_per_epoch is None:
+            raise ConfigError("num_epochs needs the dataset size (steps_per_epoch).")
+        return max(1, round(float(config.num_epochs) * steps_per_epoch))
+    return int(config.num_train_steps)
+
+
+def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: float | None) -> int:
+    """Steps of warm-up: ``warmup_epochs * steps_per_epoch`` when that is set (Goyal et al. 2017:
+    5 epochs, whatever the batch), else ``warmup_steps``."""
+    if config.get("warmup_epochs", 0.0) > 0:
+        if steps_per_epoch is None:
+            raise ConfigError("warmup_epochs needs the dataset size (steps_per_epoch).")
+        return round(float(config.warmup_epochs) * steps_per_epoch)
+    return int(config.warmup_steps)
+
+
+def schedule_horizon(config: ml_collections.ConfigDict, steps_per_epoch: float | None
+                     ) -> int | None:
+    """The total steps the LR values depend on: :func:`total_steps` for "cosine"; None for
+    "piecewise" and "constant" (a longer or shorter run has the same LR at every step)."""
+    return total_steps(config, steps_per_epoch) if config.schedule == "cosine" else None
+
+
 def boundaries_in_steps(
     config: ml_collections.ConfigDict, steps_per_epoch: float | None
 ) -> tuple[int, ...]:
@@ -38,7 +87,7 @@ def boundaries_in_steps(
     if config.lr_boundaries_unit == "steps":
         return tuple(int(b) for b in config.lr_boundaries)
     if steps_per_epoch is None:
-        raise ValueError("lr_boundaries_unit='epochs' needs the dataset size (steps_per_epoch).")
+        raise ConfigError("lr_boundaries_unit='epochs' needs the dataset size (steps_per_epoch).")
     return tuple(round(float(b) * steps_per_epoch) for b in config.lr_boundaries)
 
 
@@ -65,43 +114,42 @@ def create_learning_rate_schedule(
     """The schedule ``config`` names, with the optional warm-up in front of it.
 
     ``schedule``: "piecewise" (divide by ``1/lr_decay_factor`` at ``lr_boundaries``), "cosine"
-    (from the end of warm-up to ``num_train_steps``) or "constant". ``warmup_steps > 0`` replaces
-    the first steps: "constant" holds ``warmup_lr`` (the paper's 0.01 for ResNet-110/1202,
-    §4.2), "linear" ramps from ``warmup_lr`` to the main schedule's value at ``warmup_steps``.
-    Steps count from 0; the LR at step ``s`` is the one used by the ``s``-th update.
+    (from the end of warm-up to the run's :func:`total_steps`, the count the loop runs) or
+    "constant". Warm-up (:func:`warmup_steps` > 0) replaces the first steps: "constant" holds
+    ``warmup_lr`` (the paper's 0.01 for ResNet-110/1202, §4.2), "linear" ramps from
+    ``warmup_lr`` to the main schedule's value at the end of warm-up. Steps count from 0; the
+    LR at step ``s`` is the one used by the ``s``-th update. ``steps_per_epoch`` (dataset size
+    / batch) converts what is given in epochs: the run's length, boundaries, warm-up.
     """
     lr = base_learning_rate(config)
-    warmup_steps = int(config.warmup_steps)
-    if config.get("warmup_epochs", 0.0) > 0:  # Goyal et al. 2017: 5 epochs, whatever the batch
-        if steps_per_epoch is None:
-            raise ValueError("warmup_epochs needs the dataset size (steps_per_epoch).")
-        warmup_steps = round(float(config.warmup_epochs) * steps_per_epoch)
+    warmup = warmup_steps(config, steps_per_epoch)
     if config.schedule == "piecewise":
         main = piecewise_constant(
             lr, boundaries_in_steps(config, steps_per_epoch), float(config.lr_decay_factor)
         )
     elif config.schedule == "cosine":
-        cosine = optax.cosine_decay_schedule(lr, max(1, config.num_train_steps - warmup_steps))
-        main = lambda step: cosine(jnp.asarray(step) - warmup_steps)
+        cosine = optax.cosine_decay_schedule(
+            lr, max(1, total_steps(config, steps_per_epoch) - warmup))
+        main = lambda step: cosine(jnp.asarray(step) - warmup)
     elif config.schedule == "constant":
         main = optax.constant_schedule(jnp.float32(lr))
     else:
-        raise ValueError(f"schedule={config.schedule!r} is not one of {SCHEDULES}.")
-    if warmup_steps <= 0:
+        raise ConfigError(f"schedule={config.schedule!r} is not one of {SCHEDULES}.")
+    if warmup <= 0:
         return main
 
     warmup_lr = float(config.warmup_lr)
     if config.warmup_type == "constant":
         warm = lambda step: jnp.full(jnp.shape(step), warmup_lr, jnp.float32)
     elif config.warmup_type == "linear":
-        peak = main(warmup_steps)
-        warm = lambda step: warmup_lr + (peak - warmup_lr) * (jnp.asarray(step) / warmup_steps)
+        peak = main(warmup)
+        warm = lambda step: warmup_lr + (peak - warmup_lr) * (jnp.asarray(step) / warmup)
     else:
-        raise ValueError(f"warmup_type={config.warmup_type!r} is not one of {WARMUPS}.")
+        raise ConfigError(f"warmup_type={config.warmup_type!r} is not one of {WARMUPS}.")
 
     def schedule(step: jax.typing.ArrayLike) -> jax.Array:
         step = jnp.asarray(step)
-        return jnp.where(step < warmup_steps, warm(step), main(step)).astype(jnp.float32)
+        return jnp.where(step < warmup, warm(step), main(step)).astype(jnp.float32)
 
     return schedule
 
@@ -118,7 +166,7 @@ def weight_decay_mask(params: Any, which: str = "kernels") -> Any:
         return jax.tree_util.tree_map_with_path(
             lambda path, _: getattr(path[-1], "key", None) == "kernel", params
         )
-    raise ValueError(f"weight_decay_mask={which!r} is not one of {WEIGHT_DECAY_MASKS}.")
+    raise ConfigError(f"weight_decay_mask={which!r} is not one of {WEIGHT_DECAY_MASKS}.")
 
 
 def create_optimizer(
@@ -151,8 +199,8 @@ def _optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
             trust_coefficient=float(config.get("lars_trust_coefficient", 0.001)),
             momentum=float(config.momentum), nesterov=bool(config.nesterov))
     if optimizer != "sgd":
-        raise ValueError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}; "
-                         "e.g. --config.optimizer=sgd.")
+        raise ConfigError(f"optimizer={optimizer!r} is not one of {OPTIMIZERS}; "
+                          "e.g. --config.optimizer=sgd.")
     sgd = optax.inject_hyperparams(optax.sgd, static_args=("nesterov",))(
         learning_rate=schedule,
         momentum=float(config.momentum) if config.momentum else None,
@@ -181,8 +229,13 @@ def dynamic_loss_scale(inner: optax.GradientTransformation, *, initial: float = 
                        ) -> optax.GradientTransformation:
     """float16 training (Micikevicius et al. 2018): the step multiplies the loss by
     :func:`current_loss_scale` and divides the gradients by it; this wrapper skips the update
-    (parameters and ``inner`` state unchanged) when a gradient is not finite and halves the
-    scale, and doubles it after ``growth_interval`` finite steps in a row."""
+    when a gradient is not finite and halves the scale, and doubles it after ``growth_interval``
+    finite steps in a row.
+
+    A skipped update leaves the parameters and what the gradients feed (momentum) unchanged, but
+    the step counters still advance (:func:`_skipped`), so the schedule stays on
+    ``TrainState.step``: the LR of update ``k`` is ``schedule(k)`` whatever was skipped before.
+    """
 
     def init(params: Any) -> LossScaleState:
         return LossScaleState(inner.init(params), jnp.float32(initial), jnp.int32(0))
@@ -191,16 +244,34 @@ def dynamic_loss_scale(inner: optax.GradientTransformation, *, initial: float = 
         finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
         safe = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
         updates, new_inner = inner.update(safe, state.inner, params)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         updates = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), updates)
         good = jnp.where(finite, state.good_steps + 1, 0)
         grow = good >= growth_interval
         scale = jnp.where(finite, jnp.where(grow, state.loss_scale * factor, state.loss_scale),
                           jnp.maximum(state.loss_scale / factor, 1.0))
-        return updates, LossScaleState(keep(new_inner, state.inner), scale.astype(jnp.float32),
+        return updates, LossScaleState(_skipped(finite, new_inner, state.inner),
+                                       scale.astype(jnp.float32),
                                        jnp.where(grow, 0, good).astype(jnp.int32))
 
     return optax.GradientTransformation(init, update)
+
+
+_INJECT_STATES = (optax.InjectHyperparamsState, optax.InjectStatefulHyperparamsState)
+
+
+def _skipped(finite: jax.Array, new: Any, old: Any) -> Any:
+    """The optimiser state after an update that is skipped unless ``finite``: integer leaves
+    (step counts) and ``optax.inject_hyperparams``' count, schedule states and LR are ``new``
+    always; the other leaves (momentum, ...) are ``new`` only when ``finite``, else ``old``."""
+
+    def pick(a: Any, b: Any) -> Any:
+        if isinstance(a, _INJECT_STATES):  # everything but inner_state follows the step count
+            return a._replace(inner_state=_skipped(finite, a.inner_state, b.inner_state))
+        if jnp.issubdtype(jnp.result_type(a), jnp.integer):
+            return a
+        return jnp.where(finite, a, b)
+
+    return jax.tree.map(pick, new, old, is_leaf=lambda x: isinstance(x, _INJECT_STATES))
 
 
 def current_loss_scale(opt_state: optax.OptState) -> jax.Array | None:

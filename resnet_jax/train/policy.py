@@ -8,7 +8,10 @@
   rng is ``fold_in(base_rng, step)`` and the data stream restarts at the saved step, so on CPU a
   run killed at any step and restarted ends bit-identical to an uninterrupted run.
   ``metrics.jsonl`` drops records logged after the restored step, then appends. A checkpoint of
-  another model or config (``config.check_same_model`` / ``check_resume``) is refused in one line.
+  another model or config (``config.check_same_model`` / ``check_resume``) is refused in one line,
+  and so is a resume that changes the math through resume-safe fields: the cosine horizon (the
+  run's length), boundaries/warm-up in steps, the BN group size (device count with
+  ``bn_sync=False``) (``config.check_run_facts`` on the ``run`` record of the metadata).
 * Preemption: the first SIGTERM or SIGINT finishes the current step, saves it and raises
   :class:`~resnet_jax.errors.Preempted` (exit ``128 + signum``). The first signal resets both
   handlers to the OS default, so a second one terminates the process at once. Single process:
@@ -38,8 +41,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from resnet_jax import checkpoint
-from resnet_jax.errors import Preempted, TrainingDiverged
+from resnet_jax.errors import ConfigError, Preempted, TrainingDiverged
 from resnet_jax.train import config as config_lib
+from resnet_jax.train.evaluate import Preprocessing
 
 
 def _log(message: str) -> None:
@@ -120,19 +124,24 @@ class StopSignals:
 class TrainingCheckpoints:
     """The loop's checkpointing: restore, save/stop decisions, loss checks, close.
 
-    ``num_classes`` and ``image_shape`` are recorded so ``resnet_jax.load`` needs no dataset.
+    ``num_classes`` and ``image_shape`` are recorded so ``resnet_jax.load`` needs no dataset;
+    ``config.run_facts`` (resolved length, schedule horizon, BN group size; ``steps_per_epoch``
+    resolves what is given in epochs) so a resume that would change them is refused.
     """
 
     def __init__(self, workdir: str, config: ml_collections.ConfigDict, *, num_classes: int,
-                 image_shape: Sequence[int]) -> None:
+                 image_shape: Sequence[int], steps_per_epoch: float | None = None) -> None:
         if config.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1.")
+            raise ConfigError(f"keep_checkpoints={config.keep_checkpoints} must be >= 1.")
         self.workdir = workdir
         self.directory = checkpoint.checkpoint_dir(workdir)
         self.config = config
         self._config_json = config_lib.to_json(config)
         self._model = {"name": config.model, "kwargs": config_lib.model_overrides(config),
-                       "num_classes": int(num_classes), "image_shape": list(image_shape)}
+                       "num_classes": int(num_classes), "image_shape": list(image_shape),
+                       # the mean, padding, recipe: load and export need no dataset
+                       "preprocess": Preprocessing.from_config(config).to_json()}
+        self._run = config_lib.run_facts(config, steps_per_epoch, jax.device_count())
         self._store = checkpoint.CheckpointStore(self.directory,
                                                  keep=int(config.keep_checkpoints))
         self._signals = StopSignals()
@@ -162,6 +171,9 @@ class TrainingCheckpoints:
             if only:
                 _log(f"warning: {where}: config fields present on one side only (code "
                      f"changed?): {', '.join(only[:6])}")
+            old = config_lib.check_run_facts(meta.get("run"), self._run, where, meta["config"])
+            if old:
+                _log(f"warning: {old}")
             return state
 
         step, tree, meta = self._store.restore(prepare)
@@ -245,6 +257,7 @@ class TrainingCheckpoints:
             "rng": checkpoint.rng_to_json(self._rng),
             "model": self._model,
             "config": self._config_json,
+            "run": self._run,  # config.run_facts: checked on resume
         })
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -41,10 +42,28 @@ class TrainState(flax.struct.PyTreeNode):
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state, **changes)
 
 
+def ema_keep(decay: float, count: jax.typing.ArrayLike) -> jax.Array:
+    """The weight on the old average at update ``count`` (1, 2, ...) of a debiased EMA:
+    ``d (1 - d^(k-1)) / (1 - d^k)``; 0 at the first update, -> ``d`` as ``k`` grows.
+
+    ``avg_k = keep * avg_{k-1} + (1 - keep) * x_k`` is then exactly ``optax.ema(d,
+    debias=True)``'s output, ``ema_k / (1 - d^k)`` with ``ema_0 = 0``: the weights ``(1-d)
+    d^(k-i) / (1 - d^k)`` on ``x_1..x_k`` sum to 1 and the initial value has none. ``expm1``
+    keeps ``1 - d^k`` accurate in float32 for ``d`` near 1.
+    """
+    log_d = jnp.float32(math.log(decay))
+    k = jnp.asarray(count, jnp.float32)
+    return (decay * jnp.expm1((k - 1.0) * log_d) / jnp.expm1(k * log_d)).astype(jnp.float32)
+
+
 class EMATrainState(TrainState):
     """A :class:`TrainState` that also keeps an exponential moving average of the weights and
-    the BN statistics, updated with every optimiser step: ``ema = d * ema + (1 - d) * new``.
+    the BN statistics, updated with every optimiser step (not in the paper).
 
+    Debiased as ``optax.ema(ema_decay, debias=True)``: after ``k = step`` updates the average
+    is ``sum_i (1-d) d^(k-i) x_i / (1 - d^k)`` over the values ``x_1..x_k`` after each update,
+    with no weight on the random init (:func:`ema_keep`). ``ema_params``/``ema_batch_stats``
+    hold that debiased average itself (evaluated and loaded as it is); the count is ``step``.
     The checkpoint saves it whole (``ema_params/...``, ``ema_batch_stats/...``).
     """
 
@@ -58,12 +77,13 @@ class EMATrainState(TrainState):
         return {"params": self.ema_params, "batch_stats": self.ema_batch_stats}
 
     def apply_gradients(self, grads: Any, **changes: Any) -> EMATrainState:
-        """One optimiser update, then the EMA of the new params and batch_stats."""
+        """One optimiser update, then the debiased EMA of the new params and batch_stats."""
         new = super().apply_gradients(grads, **changes)
-        d = self.ema_decay
+        keep = ema_keep(self.ema_decay, new.step)
 
         def ema(old: Any, now: Any) -> Any:
-            return jax.tree.map(lambda a, b: (d * a + (1.0 - d) * b).astype(a.dtype), old, now)
+            return jax.tree.map(lambda a, b: (keep * a + (1.0 - keep) * b).astype(a.dtype),
+                                old, now)
 
         return new.replace(ema_params=ema(self.ema_params, new.params),
                            ema_batch_stats=ema(self.ema_batch_stats, new.batch_stats))

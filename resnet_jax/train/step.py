@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from resnet_jax.train import optim
+from resnet_jax.errors import ConfigError
+from resnet_jax.train import ghost, optim
 from resnet_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]
@@ -32,26 +33,31 @@ def _forward_train(
     bn_axis_name: str | None,
     bn_groups: int,
 ) -> tuple[jax.Array, Any]:
-    """Logits and updated batch_stats; ``bn_groups > 1`` gives each group its own BN statistics."""
+    """Logits and updated batch_stats from one call of the model on the whole batch.
+
+    ``bn_groups > 1``: "ghost" BN in the global view, one BN batch per group of
+    ``B / bn_groups`` examples, as if each group were a device of the paper's multi-GPU setup
+    (§3.4); the norm splits the batch (``resnet_jax.ops.norm``) and averages the running
+    statistics over the groups. The dropout stream is then a :func:`ghost.grouped_key`, so
+    group ``g`` draws its masks with ``fold_in(rng, g)``, exactly as device ``g`` does under
+    ``pmap`` with ``bn_sync=False`` (``train_step`` folds the device index into ``rng``).
+    """
     variables = {"params": params, "batch_stats": state.batch_stats}
-
-    def apply(x: jax.Array) -> tuple[jax.Array, Any]:
-        logits, new = state.apply_fn(
-            variables, x, train=True, mutable=["batch_stats"], bn_axis_name=bn_axis_name,
-            rngs={"dropout": rng},
-        )
-        return logits, new.get("batch_stats", {})  # {} for a net without BN (VGG-19)
-
-    if bn_groups == 1:
-        return apply(images)
-    # "Ghost" BN in the global view: one BN batch per group, as if each group were a device
-    # of the paper's multi-GPU setup; the running statistics are averaged over the groups.
-    b = images.shape[0]
-    if b % bn_groups:
-        raise ValueError(f"batch of {b} does not split into bn_groups={bn_groups}.")
-    logits, stats = jax.vmap(apply)(images.reshape(bn_groups, b // bn_groups, *images.shape[1:]))
-    return logits.reshape(b, -1), jax.tree.map(lambda s: s.mean(0), stats)
-
+    groups: dict[str, int] = {}
+    if bn_groups != 1:
+        b = images.shape[0]
+        if bn_groups < 1 or b % bn_groups:
+            raise ConfigError(
+                f"the batch of {b} examples does not split into bn_groups={bn_groups} BN "
+                f"batches (bn_sync=False under jit: one per device); use a batch size that "
+                f"is a multiple of {bn_groups}")
+        rng = ghost.grouped_key(rng, bn_groups)
+        groups["bn_groups"] = bn_groups  # only then: a fork's model without ghost BN still runs
+    logits, new = state.apply_fn(
+        variables, images, train=True, mutable=["batch_stats"], bn_axis_name=bn_axis_name,
+        rngs={"dropout": rng}, **groups,
+    )
+    return logits, new.get("batch_stats", {})  # {} for a net without BN (VGG-19)
 
 def _errors(log_probs: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-example top-1 and top-5 errors (0./1.) from (B, K) scores."""
