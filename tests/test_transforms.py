@@ -302,11 +302,14 @@ def _reference(arch: str, train: bool, name: str):
         return transform(name, out, loss, params, x, labels, _like(params, 3))
 
 
-# Every transform in train mode (batch-statistics BN: the custom_jvp with its stats tangents)
-# on both nets and kernel paths; eval mode (running-statistics BN, plain jnp) on the CIFAR net
-# for one forward-mode and one vmapped transform, to keep the suite's time in bounds.
-NET_CASES = [(arch, True, name) for arch in sorted(NETS) for name in TRANSFORMS] + [
-    ("resnet20", False, "jvp"), ("resnet20", False, "per_example")]
+# Whole nets, on both kernel paths: one transform of each kind of rule (forward mode, forward
+# over reverse, reverse over reverse, vmap of reverse) in train mode (batch-statistics BN: the
+# custom_jvp with its stats tangents) on the scanned CIFAR net; forward mode and grad of grad
+# on the ImageNet net (stem max pool); forward mode in eval mode. linearize, jacfwd and hessian
+# reuse the same rules; every transform runs on every primitive above. Each case compiles a
+# whole net twice (~11 s on 2 cores), so the matrix is kept to these.
+NET_CASES = [("resnet20", True, n) for n in ("jvp", "hvp", "grad_of_grad", "per_example")] + [
+    ("resnet18", True, "jvp"), ("resnet18", True, "grad_of_grad"), ("resnet20", False, "jvp")]
 
 
 @pytest.mark.parametrize(("arch", "train", "name"), NET_CASES,
