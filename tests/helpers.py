@@ -44,3 +44,21 @@ def override(config: ml_collections.ConfigDict, **fields: Any) -> ml_collections
             target = target[part]
         target[leaf] = value
     return config
+
+
+def onednn_status() -> tuple[bool, str]:
+    """(whether the oneDNN extension builds and loads here, why not). Under
+    ``RESNET_JAX_REQUIRE_ONEDNN=1`` (CI) an unavailable extension is an error, not a skip."""
+    import os
+
+    from resnet_jax.errors import ExtensionUnavailable
+    from resnet_jax.ops import onednn
+
+    try:
+        onednn.load()
+    except ExtensionUnavailable as e:
+        if os.environ.get("RESNET_JAX_REQUIRE_ONEDNN") == "1":
+            raise RuntimeError(f"RESNET_JAX_REQUIRE_ONEDNN=1 but the oneDNN extension is "
+                               f"unavailable: {e}") from e
+        return False, str(e)
+    return True, ""

@@ -18,6 +18,7 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import onednn_status
 from jax import lax
 
 from resnet_jax import models
@@ -28,18 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DN = ("NHWC", "HWIO", "NHWC")
 
 
-def _available() -> tuple[bool, str]:
-    try:
-        onednn.load()
-    except ExtensionUnavailable as e:
-        return False, str(e)
-    return True, ""
-
-
-AVAILABLE, WHY = _available()
-if not AVAILABLE and os.environ.get("RESNET_JAX_REQUIRE_ONEDNN") == "1":
-    raise RuntimeError(f"RESNET_JAX_REQUIRE_ONEDNN=1 but the oneDNN extension is unavailable: "
-                       f"{WHY}")
+AVAILABLE, WHY = onednn_status()
 needs_onednn = pytest.mark.skipif(not AVAILABLE, reason=f"oneDNN extension unavailable: {WHY}")
 
 

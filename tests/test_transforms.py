@@ -12,7 +12,6 @@ unavailable, unless ``RESNET_JAX_REQUIRE_ONEDNN=1`` (CI), where they fail instea
 from __future__ import annotations
 
 import functools
-import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -24,10 +23,10 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import onednn_status
 from jax import lax
 
 from resnet_jax import models
-from resnet_jax.errors import ExtensionUnavailable
 from resnet_jax.ops import conv as conv_ops
 from resnet_jax.ops import norm as norm_ops
 from resnet_jax.ops.pool import flax_max_pool
@@ -36,20 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DN = ("NHWC", "HWIO", "NHWC")
 
 
-def _onednn_available() -> tuple[bool, str]:
-    try:
-        from resnet_jax.ops import onednn
-
-        onednn.load()
-    except ExtensionUnavailable as e:
-        return False, str(e)
-    return True, ""
-
-
-AVAILABLE, WHY = _onednn_available()
-if not AVAILABLE and os.environ.get("RESNET_JAX_REQUIRE_ONEDNN") == "1":
-    raise RuntimeError(f"RESNET_JAX_REQUIRE_ONEDNN=1 but the oneDNN extension is unavailable: "
-                       f"{WHY}")
+AVAILABLE, WHY = onednn_status()
 needs_onednn = pytest.mark.skipif(not AVAILABLE, reason=f"oneDNN extension unavailable: {WHY}")
 IMPLS = ["xla", pytest.param("onednn", marks=needs_onednn)]
 
