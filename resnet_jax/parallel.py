@@ -1,15 +1,24 @@
-"""Device placement: wraps ONE step function as ``jax.jit`` (global view) or ``jax.pmap``.
+"""Device placement: ONE mesh and one placement; wraps ONE step function as ``jax.jit``
+(global view) or as a per-device program (``pmap``'s model, built as ``jit(shard_map)``).
 
-The loop never branches on the mode: it asks a :class:`ParallelStep` to ``replicate`` the
-state, calls it with host-local numpy batches (sharded here), and ``fetch``-es outputs.
+The loop never branches on the mode: a :class:`ParallelStep` builds the state on the devices
+(``init``: ``jit`` with ``out_shardings``), places batches (``shard``, ``prefetch``) and other
+arguments (``place``), and ``fetch``-es outputs. Every transfer is explicit
+(``jax.device_put``, ``jax.make_array_from_process_local_data``, ``jax.device_get``), so a
+run works under ``jax.transfer_guard("disallow")``.
 
-* ``jit``: a ``Mesh`` over all devices (of all processes) with one axis ``"data"``; state and
-  other arguments replicated, the batch sharded on its leading axis and assembled from each
-  process's slice with ``jax.make_array_from_process_local_data``; state buffers donated.
-* ``pmap``: the step gets ``axis_name="devices"`` and reduces over it; the state carries a
-  leading local-device axis. ``bn_sync=False`` gives per-device BN (the paper's multi-GPU
-  setup, §3.4) with ``batch_stats`` averaged after each step so the replicas stay identical;
-  under ``jit`` the same per-device statistics come from ``bn_groups = device count``.
+* The mesh: ``jax.make_mesh`` over all devices (of all processes; it orders them by the
+  interconnect's topology) with one axis ``"data"``. The state, the per-step key and other
+  arguments are global arrays replicated on it; a batch is sharded on its leading axis and
+  assembled from each process's slice with ``jax.make_array_from_process_local_data``. State
+  buffers are donated. Both modes use the same arrays, so fetch, replication and checkpoints
+  have one code path.
+* ``jit``: the step sees the whole global batch (``axis_name=None``); XLA partitions it.
+* ``pmap``: the step runs per device on its shard (``jax.shard_map`` over the mesh axis, which
+  is what ``jax.pmap`` itself has become) with ``axis_name="data"`` and reduces over it.
+  ``bn_sync=False`` gives per-device BN (the paper's multi-GPU setup, §3.4) with
+  ``batch_stats`` averaged after each step so the replicas stay identical; under ``jit`` the
+  same per-device statistics come from ``bn_groups = device count``.
 
 Step contract: ``step(state, batch, *args, axis_name=None, [bn_sync=..., bn_groups=...])``
 returns outputs that are identical on all devices (reduced metrics, the new state).
@@ -17,23 +26,24 @@ returns outputs that are identical on all devices (reduced metrics, the new stat
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax.errors import ConfigError
 
 MODES = ("jit", "pmap")
-DATA_AXIS = "data"  # the jit mesh axis
-PMAP_AXIS = "devices"  # the pmap axis name handed to the step
+DATA_AXIS = "data"  # the mesh axis; also the axis name the pmap-mode step reduces over
 
 
 def set_cpu_devices(count: int) -> None:
@@ -115,49 +125,165 @@ def check_batch_size(batch_size: int, field: str = "batch_size") -> None:
         )
 
 
-class ParallelStep:
-    """A compiled step plus the placement its inputs need.
+def make_mesh() -> Mesh:
+    """All devices of all processes on one ``"data"`` axis, ordered by ``jax.make_mesh`` (the
+    interconnect's topology: a ring on TPU slices, NVLink islands on GPU hosts). The axis type
+    is ``Auto``: XLA's partitioner places what the step does not constrain."""
+    return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
 
-    ``replicate(tree)``: put a host/device tree on every device (the state).
+
+def _is_host(x: Any) -> bool:
+    return isinstance(x, np.ndarray | np.generic | int | float | bool)
+
+
+class Placement:
+    """Explicit transfers onto and off one mesh: the only place data crosses the host boundary.
+
+    ``replicated``/``batch``: the shardings of the state (and other arguments) and of a batch.
+    """
+
+    def __init__(self, mesh: Mesh) -> None:
+        self.mesh = mesh
+        self.replicated = NamedSharding(mesh, P())
+        self.batch = NamedSharding(mesh, P(DATA_AXIS))
+
+    def replicate(self, tree: Any) -> Any:
+        """Every leaf replicated on the mesh: host values are placed, device arrays copied
+        (never aliasing the source: a step donates what it is given, and the caller may still
+        hold the source); a leaf already replicated on the mesh is returned as it is."""
+        leaves, treedef = jax.tree.flatten(tree)
+        moved = {i: jax.device_put(x, self.replicated) for i, x in enumerate(leaves)
+                 if isinstance(x, jax.Array) and x.sharding != self.replicated
+                 and x.is_fully_addressable and jax.process_count() == 1}
+        if moved:  # device_put keeps the source buffer as the shard on its own device
+            moved = dict(zip(moved, self._copy(list(moved.values())), strict=True))
+        out = [moved[i] if i in moved else self._put_replicated(x) for i, x in enumerate(leaves)]
+        return jax.tree.unflatten(treedef, out)
+
+    @functools.cached_property
+    def _copy(self) -> Callable[[Any], Any]:
+        return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=self.replicated)
+
+    def place(self, tree: Any) -> Any:
+        """Arguments that are not donated (the per-step key), replicated on the mesh: as
+        :meth:`replicate`, but a device array is moved without a copy."""
+        def put(x: Any) -> jax.Array:
+            if (isinstance(x, jax.Array) and x.sharding != self.replicated
+                    and x.is_fully_addressable and jax.process_count() == 1):
+                return jax.device_put(x, self.replicated)
+            return self._put_replicated(x)
+
+        return jax.tree.map(put, tree)
+
+    def _put_replicated(self, x: Any) -> jax.Array:
+        if isinstance(x, jax.Array):
+            if x.sharding == self.replicated:
+                return x
+            x = jax.device_get(x)  # another process's placement: through this host
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(self.replicated, x, x.shape)
+
+    def shard(self, batch: Any) -> Any:
+        """A host-local batch (this process's rows) -> global arrays sharded on the leading
+        axis over the mesh."""
+        def put(x: Any) -> jax.Array:
+            x = np.asarray(x)
+            n_local = jax.local_device_count()
+            if x.shape[0] % n_local:
+                raise ConfigError(
+                    f"a per-process batch of {x.shape[0]} does not split over the "
+                    f"{n_local} local devices; use a batch size that is a multiple of "
+                    f"{jax.device_count()}.")
+            global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
+            return jax.make_array_from_process_local_data(self.batch, x, global_shape)
+
+        return jax.tree.map(put, batch)
+
+    def fetch(self, tree: Any) -> Any:
+        """Replicated outputs -> host numpy (one replica each), in ONE ``jax.device_get``: the
+        host waits for the device here and nowhere else."""
+        return jax.device_get(jax.tree.map(lambda x: x.addressable_data(0), tree))
+
+
+class ParallelStep:
+    """A compiled step plus the placement its inputs need (the same for both modes).
+
+    ``init(fn, *args)``: ``fn`` run on the devices with replicated outputs (state born there).
+    ``replicate(tree)``: put a host/device tree on every device.
     ``shard(batch)``: host-local numpy batch -> sharded device batch (called for you on numpy).
+    ``prefetch(batches, size)``: batches placed ``size`` steps ahead of their use.
+    ``place(x)``: one replicated argument (the per-step key).
     ``fetch(tree)``: device outputs -> host numpy, one replica (blocks).
     """
 
-    def __init__(
-        self,
-        fn: Callable[..., Any],
-        mode: str,
-        *,
-        replicate: Callable[[Any], Any],
-        shard: Callable[[dict[str, np.ndarray]], Any],
-        fetch: Callable[[Any], Any],
-        place_arg: Callable[[Any], Any],
-        num_devices: int,
-    ) -> None:
+    def __init__(self, fn: Callable[..., Any], mode: str, placement: Placement) -> None:
         self._fn = fn
         self.mode = mode
-        self.replicate = replicate
-        self.shard = shard
-        self.fetch = fetch
-        self._place_arg = place_arg
-        self.num_devices = num_devices
+        self.placement = placement
+        self.mesh = placement.mesh
+        self.replicate = placement.replicate
+        self.shard = placement.shard
+        self.fetch = placement.fetch
+        self.place = placement.place
+        self.num_devices = placement.mesh.devices.size
 
     def __call__(self, state: Any, batch: Any, *args: Any) -> Any:
-        if any(isinstance(v, np.ndarray) for v in jax.tree.leaves(batch)):
+        if any(_is_host(v) for v in jax.tree.leaves(batch)):
             batch = self.shard(batch)
-        return self._fn(state, batch, *(self._place_arg(a) for a in args))
+        return self._fn(state, batch, *(self.place(a) for a in args))
+
+    def init(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` compiled with replicated outputs: a state is born on the mesh, with no
+        host copy and no eager op (each would be a transfer). ``args`` are placed first."""
+        return jax.jit(fn, out_shardings=self.placement.replicated)(*self.place(args))
+
+    def abstract(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """What :meth:`init` would return, as ``jax.ShapeDtypeStruct``s with their shardings
+        (nothing computed): the template a checkpoint is restored into."""
+        shapes = jax.eval_shape(fn, *args)
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.placement.replicated),
+            shapes)
+
+    def prefetch(self, batches: Iterable[Any], size: int,
+                 transform: Callable[[Any], Any] | None = None) -> Generator[Any, None, None]:
+        """:func:`prefetch` with this step's :meth:`shard` (then ``transform``, e.g. the
+        on-device gather)."""
+        put = self.shard if transform is None else (lambda b: transform(self.shard(b)))
+        return prefetch(batches, put, size)
 
 
-def _first_replica(x: Any, *, strip_axis: bool) -> np.ndarray:
-    """One device's copy of a replicated output, as host numpy.
+def prefetch(batches: Iterable[Any], put: Callable[[Any], Any],
+             size: int) -> Generator[Any, None, None]:
+    """``put(batch)`` for each batch, ``size`` batches ahead of the consumer: the copies of the
+    next batches (asynchronous ``device_put``) overlap the step that runs now. ``size=0``
+    places each batch when it is asked for. An error while fetching or placing a batch is
+    raised when the consumer reaches that batch, so every batch before it is still used."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ConfigError(f"device_prefetch={size!r} must be an int >= 0 (batches placed on "
+                          "the devices ahead of the step), e.g. --config.device_prefetch=2")
+    source = iter(batches)
+    ready: collections.deque[Any] = collections.deque()
+    failure: list[BaseException] = []
 
-    ``strip_axis``: a pmap output, ``(local devices, ...)``. Its first shard is ``x[0]`` with the
-    device axis kept, ``(1, ...)``, under the pmap of jax >= 0.8 (jit + shard_map,
-    ``NamedSharding``) and without it, ``(...)``, under the older one (``PmapSharding``), so it
-    is reshaped to ``x.shape[1:]`` rather than indexed: right under both.
-    """
-    shard = np.asarray(x.addressable_data(0))
-    return shard.reshape(x.shape[1:]) if strip_axis else shard
+    def fill(target: int) -> None:
+        while not failure and len(ready) < target:
+            try:
+                ready.append(put(next(source)))
+            except StopIteration:
+                return
+            except Exception as e:  # re-raised, unchanged, when its own batch is due
+                failure.append(e)
+
+    while True:
+        fill(max(size, 1))
+        if not ready:
+            if failure:
+                raise failure[0]
+            return
+        item = ready.popleft()
+        fill(size)  # the next ones go out before this one is used
+        yield item
 
 
 def compile(
@@ -167,6 +293,7 @@ def compile(
     bn_sync: bool = True,
     donate_state: bool = True,
     per_example: bool = False,
+    mesh: Mesh | None = None,
 ) -> ParallelStep:
     """Wrap ``step(state, batch, *args, axis_name=...)`` for ``mode`` in {"jit", "pmap"}.
 
@@ -175,84 +302,35 @@ def compile(
     are passed, so an eval step needs none of them. ``per_example=True``: the outputs are
     batches, left sharded like the input batch (ready for the next step) instead of
     replicated; e.g. ``preprocess.gather`` with the device-resident images as "state".
+    ``mesh``: default :func:`make_mesh`.
     """
     if mode not in MODES:
         raise ConfigError(f"parallel={mode!r} is not one of {MODES}; use --config.parallel=jit.")
+    placement = Placement(make_mesh() if mesh is None else mesh)
     donate = (0,) if donate_state else ()
+    out_sharding = placement.batch if per_example else placement.replicated
 
     if mode == "jit":
-        mesh = Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
-        replicated = NamedSharding(mesh, P())
-        data = NamedSharding(mesh, P(DATA_AXIS))
         bound = step if bn_sync else functools.partial(step, bn_groups=jax.device_count())
-        fn = jax.jit(bound, out_shardings=data if per_example else replicated,
-                     donate_argnums=donate)
+        return ParallelStep(jax.jit(bound, out_shardings=out_sharding, donate_argnums=donate),
+                            mode, placement)
 
-        def put_replicated(x: Any) -> jax.Array:
-            x = np.asarray(x)
-            return jax.make_array_from_process_local_data(replicated, x, x.shape)
-
-        def shard(batch: dict[str, np.ndarray]) -> Any:
-            def put(x: np.ndarray) -> jax.Array:
-                x = np.asarray(x)
-                global_shape = (x.shape[0] * jax.process_count(), *x.shape[1:])
-                return jax.make_array_from_process_local_data(data, x, global_shape)
-
-            return jax.tree.map(put, batch)
-
-        return ParallelStep(
-            fn,
-            mode,
-            replicate=lambda tree: jax.tree.map(put_replicated, tree),
-            shard=shard,
-            fetch=lambda tree: jax.tree.map(
-                functools.partial(_first_replica, strip_axis=False), tree
-            ),
-            place_arg=put_replicated,
-            num_devices=jax.device_count(),
-        )
-
-    devices = jax.local_devices()
-    n_local = len(devices)
-    local = NamedSharding(Mesh(np.asarray(devices), (PMAP_AXIS,)), P(PMAP_AXIS))
-    kwargs: dict[str, Any] = {"axis_name": PMAP_AXIS}
+    kwargs: dict[str, Any] = {"axis_name": DATA_AXIS}
     if not bn_sync:
         kwargs["bn_sync"] = False
     bound = functools.partial(step, **kwargs)
+    out_spec = P(DATA_AXIS) if per_example else P()
+    compiled: dict[int, Any] = {}  # by number of extra (replicated) arguments
 
-    compiled: dict[int, Any] = {}  # by number of extra (broadcast) arguments
-
-    def pmapped(state: Any, batch: Any, *args: Any) -> Any:
+    def per_device(state: Any, batch: Any, *args: Any) -> Any:
         if len(args) not in compiled:
-            in_axes = (0, 0, *([None] * len(args)))
-            compiled[len(args)] = jax.pmap(
-                bound, axis_name=PMAP_AXIS, in_axes=in_axes, donate_argnums=donate
-            )
+            # check_vma=False as jax.pmap's own shard_map: the step's reductions over the axis
+            # make its outputs the same on every device (the step contract).
+            mapped = jax.shard_map(bound, mesh=placement.mesh,
+                                   in_specs=(P(), P(DATA_AXIS), *([P()] * len(args))),
+                                   out_specs=out_spec, check_vma=False)
+            compiled[len(args)] = jax.jit(mapped, out_shardings=out_sharding,
+                                          donate_argnums=donate)
         return compiled[len(args)](state, batch, *args)
 
-    def replicate(tree: Any) -> Any:
-        return jax.tree.map(
-            lambda x: jax.device_put(np.stack([np.asarray(x)] * n_local), local), tree
-        )
-
-    def shard(batch: dict[str, np.ndarray]) -> Any:
-        def put(x: np.ndarray) -> jax.Array:
-            x = np.asarray(x)
-            if x.shape[0] % n_local:
-                raise ValueError(
-                    f"per-process batch of {x.shape[0]} does not split over {n_local} devices."
-                )
-            return jax.device_put(x.reshape(n_local, -1, *x.shape[1:]), local)
-
-        return jax.tree.map(put, batch)
-
-    return ParallelStep(
-        pmapped,
-        mode,
-        replicate=replicate,
-        shard=shard,
-        fetch=lambda tree: jax.tree.map(functools.partial(_first_replica, strip_axis=True), tree),
-        place_arg=lambda x: x,
-        num_devices=jax.device_count(),
-    )
-
+    return ParallelStep(per_device, mode, placement)

@@ -180,7 +180,6 @@ INTERNAL_INVARIANTS = (
     "images must be encoded files",
     "outside the resized",  # data/augment.py: crops the recipe computes
     "batch has no image* key",
-    "does not split over {n_local} devices",  # parallel.py: sizes checked before
 )
 
 

@@ -139,6 +139,39 @@ def test_two_processes_match_one_process(eight_devices: dict, tmp_path: Path) ->
         )
 
 
+def test_prefetch_places_batches_ahead_in_order_and_defers_an_error_to_its_batch() -> None:
+    from resnet_jax import parallel
+    from resnet_jax.errors import ConfigError, DataError
+
+    placed: list[int] = []
+
+    def source(n: int, fail_at: int | None = None):
+        for i in range(n):
+            if i == fail_at:
+                raise DataError(f"batch {i} is damaged")
+            yield i
+
+    def put(i: int) -> int:
+        placed.append(i)
+        return 10 * i
+
+    for size in (0, 1, 2):
+        placed.clear()
+        seen = []
+        for got in parallel.prefetch(source(5), put, size):
+            # when batch k is handed over, the next `size` ones are on their way already
+            assert placed == list(range(min(len(seen) + 1 + size, 5))), (size, placed)
+            seen.append(got)
+        assert seen == [0, 10, 20, 30, 40]
+    placed.clear()
+    stream = parallel.prefetch(source(5, fail_at=3), put, 2)
+    assert [next(stream) for _ in range(3)] == [0, 10, 20]  # the batches before it are used
+    with pytest.raises(DataError, match="batch 3 is damaged"):
+        next(stream)
+    with pytest.raises(ConfigError, match="device_prefetch=-1"):
+        next(parallel.prefetch(source(1), put, -1))
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)

@@ -1,6 +1,6 @@
 """One run per workdir: a second run on a busy workdir exits 5 at once, touching nothing, while
 the first finishes; a lock left by a kill -9'd run does not block the next one; ``--mode eval``
-honours ``cpu_devices``; the pmap fetch reads the right replica under both pmap layouts."""
+honours ``cpu_devices``; jit and pmap share one placement."""
 
 from __future__ import annotations
 
@@ -151,26 +151,36 @@ def test_eval_mode_honours_cpu_devices(digits_run):
     assert record["test_loss"] == pytest.approx(final["test_loss"], rel=1e-5)
 
 
-class _OldPmapOutput:
-    """A pmap output as jax < 0.8 made it (PmapSharding): shards without the device axis."""
-
-    def __init__(self, x: np.ndarray) -> None:
-        self.x, self.shape = x, x.shape
-
-    def addressable_data(self, i: int) -> np.ndarray:
-        return self.x[i]
-
-
-def test_pmap_fetch_reads_one_replica_under_both_pmap_layouts():
+def test_jit_and_pmap_share_one_placement_without_a_device_axis():
+    """Both modes take and give global arrays replicated on the same mesh, so replicate, fetch
+    and checkpoints have one code path (no pmap device axis to strip)."""
     import jax
+    import jax.numpy as jnp
 
     from resnet_jax import parallel
 
-    x = np.arange(6.0, dtype=np.float32).reshape(1, 2, 3)  # (local devices, ...)
-    new = jax.pmap(lambda v: v)(x)  # jax >= 0.8: NamedSharding, shard (1, 2, 3)
-    assert new.addressable_data(0).shape == (1, 2, 3)
-    for output in (new, _OldPmapOutput(x)):
-        np.testing.assert_array_equal(parallel._first_replica(output, strip_axis=True), x[0])
+    def step(state, batch, *, axis_name=None):
+        total = batch["x"].sum()
+        if axis_name is not None:
+            total = jax.lax.psum(total, axis_name)
+        return {"w": state["w"] + total}, {"sum": total}
+
+    x = np.arange(6.0, dtype=np.float32).reshape(2, 3)
+    outs = {}
+    for mode in parallel.MODES:
+        fn = parallel.compile(step, mode)
+        state = fn.replicate({"w": np.ones(3, np.float32)})
+        new, metrics = fn(state, {"x": x})
+        assert new["w"].shape == (3,) and new["w"].sharding == fn.placement.replicated
+        outs[mode] = fn.fetch((new, metrics))
+    for a, b in zip(jax.tree.leaves(outs["jit"]), jax.tree.leaves(outs["pmap"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert float(outs["jit"][1]["sum"]) == 15.0
+    # a device array the caller still holds is copied, not aliased: donation cannot delete it
+    held = jnp.ones(3, jnp.float32)
+    fn = parallel.compile(step, "jit")
+    fn(fn.replicate({"w": held}), {"x": x})
+    assert not held.is_deleted()
 
 
 MULTI = """

@@ -1,12 +1,16 @@
 """``train_and_evaluate(config, workdir)``: the training loop.
 
-Per step: next host-local uint8 batch -> ``ParallelStep`` (jit or pmap; the loop does not know
-which) with ``rng = fold_in(base_rng, step)``; the step starts with the device half of the input
-recipe (``preprocess``). With ``data.on_device`` the training images are placed on the devices
-once and each step's batch (indices and draws) is gathered there first. Device metrics are only
-fetched at log steps, so the host never waits on the device in between. The data stream is a
-pure function of (seed, step) and the rng of the step index, so resuming from a saved (state,
-step) continues bit-exactly.
+The state is born on the devices (``ParallelStep.init``: jit with replicated out_shardings) or
+restored straight into those shardings. Per step: the next host-local uint8 batch, already
+sharded on the mesh ``device_prefetch`` steps ahead (with ``data.on_device`` the training
+images live on the devices and the batch is gathered there) -> ``ParallelStep`` (jit or pmap;
+the loop does not know which) with ``rng = fold_in(base_rng, step)`` derived on the host's CPU
+device; the step starts with the device half of the input recipe (``preprocess``). Every
+transfer is explicit, so the loop runs under ``jax.transfer_guard("disallow")``. Device metrics
+are only fetched at log steps, so the host never waits on the device in between. The data
+stream is a pure function of (seed, step) and the rng of the step index, so resuming from a
+saved (state, step) continues bit-exactly. A data error (a damaged shard, input workers that
+keep dying) saves the last completed step before it is raised.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import ml_collections
 import numpy as np
 
 from resnet_jax import data, parallel
+from resnet_jax.errors import DataError
 from resnet_jax.train import config as config_lib
 from resnet_jax.train import metrics as metrics_lib
 from resnet_jax.train import optim
@@ -65,7 +70,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     """Train ``num_train_steps``, evaluating every ``eval_every_steps`` and at the end.
 
     Writes ``workdir/metrics.jsonl``, TensorBoard events and ``workdir/curves.png`` (process 0).
-    Config errors are raised as one-line ValueErrors before anything is compiled. Returns the
+    Config errors are raised as one-line ConfigErrors before anything is compiled. Returns the
     last logged training and test scalars.
     """
     if config.get("keep_freed_memory", True):
@@ -83,19 +88,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     total_steps = optim.total_steps(config, steps_per_epoch)  # the schedules' count too
     is_main = jax.process_index() == 0
 
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, base_rng = jax.random.split(rng)
-    state = create_train_state(
-        config, model, init_rng, image_shape=info.image_shape, steps_per_epoch=steps_per_epoch
-    )
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    _log(
-        f"{config.model} ({n_params:,} params) on {config.dataset} "
-        f"({info.num_train} train / {info.num_eval} eval, {info.image_shape}); "
-        f"{total_steps} steps of batch {config.batch_size}; parallel={config.parallel} over "
-        f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
-        f"{jax.process_count()} process(es)"
-    )
+    # Seeds on the host's CPU device, under jit (an eager op would be an implicit transfer).
+    # Per-step keys are derived there too: a fold_in on the accelerator would queue behind the
+    # previous step, and placing its result (jit) would make the host wait for it.
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
+    init_rng, base_rng = jax.jit(lambda: tuple(jax.random.split(jax.random.PRNGKey(config.seed))),
+                                 out_shardings=cpu)()
 
     train_fn = parallel.compile(
         functools.partial(train_step, label_smoothing=float(config.label_smoothing),
@@ -104,15 +102,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         bn_sync=config.bn_sync,
     )
     eval_fn = compile_eval(config)
+
+    def init(rng: jax.Array) -> Any:
+        return create_train_state(config, model, rng, image_shape=info.image_shape,
+                                  steps_per_epoch=steps_per_epoch)
+
     ckpt = TrainingCheckpoints(
         workdir, config, num_classes=info.num_classes, image_shape=info.image_shape,
         steps_per_epoch=steps_per_epoch,
     )
-    state, start_step, base_rng = ckpt.restore(state, base_rng)  # (state, 0, base_rng) if none
-    # Per-step keys are derived on the host's CPU device: a fold_in on the accelerator would queue
-    # behind the previous step, and placing its result (jit) would make the host wait for it.
-    host_rng = jax.device_put(base_rng, jax.local_devices(backend="cpu")[0])
-    state = train_fn.replicate(state)
+    # The state is born on the mesh (jit with replicated out_shardings), or restored straight
+    # into those shardings: never built on one device and copied.
+    fresh = ckpt.latest_step is None
+    state, start_step, base_rng = ckpt.restore(train_fn.abstract(init, init_rng), base_rng)
+    if fresh:
+        state = train_fn.init(init, init_rng)
+    host_rng = jax.device_put(base_rng, cpu)
+    step_key = jax.jit(jax.random.fold_in, out_shardings=cpu)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    _log(
+        f"{config.model} ({n_params:,} params) on {config.dataset} "
+        f"({info.num_train} train / {info.num_eval} eval, {info.image_shape}); "
+        f"{total_steps} steps of batch {config.batch_size}; parallel={config.parallel} over "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"{jax.process_count()} process(es)"
+    )
     gather = device_gather(config)
 
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main, append=start_step > 0,
@@ -121,6 +135,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         config, "train", process_index=jax.process_index(),
         process_count=jax.process_count(), seed=config.seed, start_step=start_step,
     )
+    # Sharded on the mesh (and gathered there with data.on_device) device_prefetch steps ahead.
+    batches = train_fn.prefetch(stream, int(config.get("device_prefetch", 2)), gather)
     pending: list[Any] = []
     last: dict[str, float] = {}
     t_mark, step_mark = time.perf_counter(), start_step
@@ -130,10 +146,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         for step in range(start_step, total_steps):
             profile.before(step)
-            batch = next(stream)
-            if gather is not None:
-                batch = gather(batch)
-            state, step_metrics = train_fn(state, batch, jax.random.fold_in(host_rng, step))
+            try:
+                batch = next(batches)
+            except DataError:  # a damaged shard, workers that keep dying: keep what is done
+                if step > start_step:
+                    ckpt.save_if_due(step, state, fetch=train_fn.fetch, pending=pending,
+                                     total_steps=total_steps, stop=True)
+                    _log(f"saved checkpoint {step} in {ckpt.directory} before stopping on a "
+                         "data error; a restart resumes there.")
+                raise
+            key = step_key(host_rng, jax.device_put(np.int32(step), cpu))
+            state, step_metrics = train_fn(state, batch, key)
             pending.append(step_metrics)
             done = step + 1
             profile.after(done, step_metrics)
@@ -173,6 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 raise ckpt.preempted(done)
     finally:
         profile.close()
+        batches.close()
         stream.close()
         writer.close()
         ckpt.close()  # waits for the asynchronous saves

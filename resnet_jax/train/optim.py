@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 
 from resnet_jax.errors import ConfigError
@@ -99,11 +100,13 @@ def piecewise_constant(
     Values are computed in Python and stored as float32, so each one is exact
     (``0.1 * 0.1 == 0.01`` as float32), unlike a running float32 product.
     """
-    values = jnp.asarray([base_lr * factor**k for k in range(len(boundaries) + 1)], jnp.float32)
-    bounds = jnp.asarray(boundaries, jnp.int32).reshape(-1)
+    # numpy, not jax arrays: a schedule built inside a jitted init (or under a transfer guard)
+    # must hold no device value; they become constants of the step that calls it.
+    values = np.asarray([base_lr * factor**k for k in range(len(boundaries) + 1)], np.float32)
+    bounds = np.asarray(boundaries, np.int32).reshape(-1)
 
     def schedule(step: jax.typing.ArrayLike) -> jax.Array:
-        return values[jnp.sum(jnp.asarray(step) >= bounds)]
+        return jnp.asarray(values)[jnp.sum(jnp.asarray(step) >= bounds)]
 
     return schedule
 
@@ -132,7 +135,7 @@ def create_learning_rate_schedule(
             lr, max(1, total_steps(config, steps_per_epoch) - warmup))
         main = lambda step: cosine(jnp.asarray(step) - warmup)
     elif config.schedule == "constant":
-        main = optax.constant_schedule(jnp.float32(lr))
+        main = optax.constant_schedule(np.float32(lr))
     else:
         raise ConfigError(f"schedule={config.schedule!r} is not one of {SCHEDULES}.")
     if warmup <= 0:
