@@ -185,15 +185,18 @@ def reference(compilation_cache: dict, tmp_path_factory: pytest.TempPathFactory)
 @pytest.fixture(scope="module")
 def workers(reference: Path, compilation_cache: dict,
             tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The subprocess runs, started together once the cache is warm."""
-    kill_at = random.Random().randint(3, STEPS - 1)
+    """The subprocess runs, started together once the cache is warm. ``*_at``: the step during
+    which the worker is killed or signalled (the loop asks for batch ``step + device_prefetch``
+    then: it places batches that many steps ahead)."""
+    ahead = int(tiny_config().device_prefetch)
+    kill_at = random.Random().randint(3, STEPS - 1 - ahead)  # the last batch is STEPS - 1
     kill_dir = tmp_path_factory.mktemp("kill9")
     term_dir = tmp_path_factory.mktemp("sigterm")
     return {
         "kill_at": kill_at, "kill_dir": kill_dir,
-        "kill": _spawn(kill_dir, "block", kill_at, compilation_cache),
+        "kill": _spawn(kill_dir, "block", kill_at + ahead, compilation_cache),
         "term_at": 4, "term_dir": term_dir,
-        "term": _spawn(term_dir, "sigterm", 4, compilation_cache),
+        "term": _spawn(term_dir, "sigterm", 4 + ahead, compilation_cache),
     }
 
 
@@ -204,7 +207,7 @@ def test_kill9_at_a_random_step_then_restart_is_bit_identical(
 
     proc, workdir, at = workers["kill"], workers["kill_dir"], workers["kill_at"]
     _wait_for(lambda: (workdir / "blocked").exists() and _steps(workdir), proc,
-              f"batch {at} and a checkpoint")
+              f"step {at} and a checkpoint")
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
@@ -215,7 +218,7 @@ def test_kill9_at_a_random_step_then_restart_is_bit_identical(
     out = capsys.readouterr().out
     assert f"resuming from checkpoint {resumed_from}" in out, out
     _assert_identical(_variables(workdir), _variables(reference),
-                      f"killed before batch {at}, resumed from {resumed_from}")
+                      f"killed in step {at}, resumed from {resumed_from}")
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records]
     assert steps == sorted(steps) and len(steps) == len(set(steps)), steps

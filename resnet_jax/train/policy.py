@@ -19,8 +19,8 @@
   step, so the processes agree at the next log or checkpoint step (where the host waits on the
   device anyway); keep ``log_every_steps`` within the scheduler's grace period.
 * NaN guard: the loss is checked where the loop fetches metrics anyway (log steps), and the
-  pending losses plus every array of the state are checked before each save, so a non-finite
-  state is never saved and the newest checkpoint stays the last good one
+  pending losses plus every array of the state (on the devices) are checked before each save,
+  so a non-finite state is never saved and the newest checkpoint stays the last good one
   (:class:`~resnet_jax.errors.TrainingDiverged` names the first non-finite step).
 """
 
@@ -51,11 +51,25 @@ def _log(message: str) -> None:
         print(message, flush=True)
 
 
+def _all_finite(x: jax.Array) -> jax.Array:
+    if not jax.numpy.issubdtype(x.dtype, jax.numpy.inexact):
+        return jax.numpy.bool_(True)
+    return jax.numpy.isfinite(x).all()
+
+
+def _all_finite_host(x: np.ndarray) -> bool:
+    return not np.issubdtype(x.dtype, np.inexact) or bool(np.isfinite(x).all())
+
+
 def nonfinite_path(tree: Any) -> str | None:
-    """The path of the first floating-point leaf of ``tree`` with a NaN or inf (else None)."""
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        x = np.asarray(leaf)
-        if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
+    """The path of the first floating-point leaf of ``tree`` with a NaN or inf (else None).
+
+    ``jax.Array`` leaves (any sharding) are checked on their devices in one jitted call, with
+    one small explicit fetch of the per-leaf flags; numpy leaves on the host."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    finite = checkpoint.per_leaf([leaf for _, leaf in flat], _all_finite, _all_finite_host)
+    for (path, _), ok in zip(flat, finite, strict=True):
+        if not ok:
             return checkpoint.path_name(path)
     return None
 
@@ -156,9 +170,11 @@ class TrainingCheckpoints:
     def restore(self, state: Any, rng: jax.Array) -> tuple[Any, int, jax.Array]:
         """``(state, start_step, rng)`` from the newest readable checkpoint, or the inputs and 0.
 
-        ``state`` gives the structure (its leaves may be abstract, e.g. from ``jax.eval_shape``);
-        the restored leaves are host numpy arrays. Raises ``CheckpointMismatch`` for a
-        checkpoint of another model/config.
+        ``state`` gives the structure and the placement: a leaf with a sharding (the state born
+        on the mesh, or its ``jax.eval_shape`` with shardings) comes back as a global array in
+        that sharding, one without (a plain ``jax.eval_shape``) as host numpy. ``rng`` and the
+        returned one: the saved base key (JSON in the metadata) is ``jax.device_put`` on the
+        default device. Raises ``CheckpointMismatch`` for a checkpoint of another model/config.
         """
         self._rng = rng
         if not self._store.steps():
@@ -215,7 +231,10 @@ class TrainingCheckpoints:
                       or done % self.config.checkpoint_every_steps == 0 or done == total_steps)
         if not sync_point:
             return False
-        signums = multihost_utils.process_allgather(np.int32(local or 0))
+        # process_allgather puts the value on the devices explicitly but reads the gathered one
+        # back with np.asarray: an implicit device-to-host copy the guard refuses on accelerators
+        with jax.transfer_guard_device_to_host("allow"):
+            signums = multihost_utils.process_allgather(np.int32(local or 0))
         agreed = int(np.max(signums))
         self.stop_signum = agreed or None
         return agreed != 0
@@ -225,30 +244,31 @@ class TrainingCheckpoints:
         """Save after update ``done`` at a checkpoint step, the last step or a stop.
 
         ``pending``: the step metrics not yet fetched (steps ``done - len(pending)`` ...), whose
-        losses are checked before saving.
+        losses ``fetch`` brings to the host and checks before saving.
         """
         due = done % self.config.checkpoint_every_steps == 0 or done == total_steps
         if due or stop:
             if pending:
                 self.check_losses(fetch([m["loss"] for m in pending]), done - len(pending))
-            self.save(done, state, fetch=fetch)
+            self.save(done, state)
 
     def preempted(self, step: int) -> Preempted:
         """The exception to raise after a stop request was saved at ``step``."""
         assert self.stop_signum is not None
         return Preempted(self.stop_signum, step, self.directory)
 
-    def save(self, step: int, state: Any, *,
-             fetch: Callable[[Any], Any] = jax.device_get) -> None:
+    def save(self, step: int, state: Any) -> None:
         """Save ``state`` (after ``step`` updates) unless that step is saved already.
 
-        Raises ``TrainingDiverged`` (saving nothing) if any array is not finite.
+        ``state``'s arrays go to the store as they are (global arrays in any sharding; no host
+        copy here); the caller may donate them once this returns. Raises ``TrainingDiverged``
+        (saving nothing) if any array is not finite (checked on the devices).
         """
         if step == self.latest_step:
             return
         if self._rng is None:
             raise RuntimeError("call restore() before save(): it fixes the run's base rng.")
-        tree = checkpoint.host_copy(state, fetch)
+        tree = checkpoint.state_tree(state)
         bad = nonfinite_path(tree)
         if bad is not None:
             self._diverged(f"{bad} is not finite after step {step}", step)
