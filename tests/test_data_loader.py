@@ -278,36 +278,3 @@ def test_tfds_source_streams_through_worker_processes(jpeg_tfds: str) -> None:
     ref = _take(data.create(config(0), "train", seed=1), 4)
     _assert_same(ref, _take(data.create(config(2), "train", seed=1), 4), "tfds, 2 workers")
     assert multiprocessing.active_children() == []
-
-
-# -- end to end: a run resumed with worker processes ends where the uninterrupted one does ----
-
-
-def test_training_resumed_with_worker_processes_is_bit_identical(tmp_path: Path) -> None:
-    import jax
-
-    import resnet_jax
-    from resnet_jax.train.config import default_config
-    from resnet_jax.train.loop import train_and_evaluate
-
-    def config(steps: int) -> object:
-        c = default_config()
-        c.model, c.model_kwargs.depth, c.model_kwargs.width = "cifar_resnet", 8, 4
-        c.dataset = "synthetic"
-        c.data.update(dict(image_size=8, num_train=48, num_eval=16, workers=2, prefetch=1))
-        c.batch_size, c.eval_batch_size = 8, 16
-        c.num_train_steps, c.lr_boundaries = steps, (6,)  # the LR changes after the resume
-        c.log_every_steps = c.checkpoint_every_steps = 2
-        c.eval_every_steps = 100
-        return c
-
-    train_and_evaluate(config(8), str(tmp_path / "full"))
-    train_and_evaluate(config(4), str(tmp_path / "halves"))
-    train_and_evaluate(config(8), str(tmp_path / "halves"))  # resumes at step 4
-    _, full = resnet_jax.load(str(tmp_path / "full"))
-    _, halves = resnet_jax.load(str(tmp_path / "halves"))
-    leaves = jax.tree_util.tree_leaves_with_path(full)
-    assert jax.tree_util.tree_structure(full) == jax.tree_util.tree_structure(halves)
-    for (path, a), b in zip(leaves, jax.tree_util.tree_leaves(halves), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
-    assert multiprocessing.active_children() == []

@@ -17,7 +17,13 @@ worker re-imports the entry script as ``__mp_main__``: keep a script's work unde
 SIGINT/SIGTERM from the first instruction (they inherit them blocked from the pump thread), so
 Ctrl-C or a scheduler's SIGTERM reaches the training loop only, and they exit when this process
 dies. A failed ``make(k)`` is re-raised by ``next`` at batch ``k`` as the same exception with a
-note naming the step and the worker's traceback, and the stream closes.
+note naming the step and the worker's traceback (none for an expected ``DataError``, already one
+line naming what to fix), and the stream closes.
+
+A worker that dies (kill -9, the kernel's out-of-memory killer) is not an error: the pump closes
+the pool and starts a fresh one at the first batch not yet handed on, so the stream stays
+``make(k)`` for every ``k``, bit for bit. A pool whose workers die ``_MAX_RESTARTS`` times in a
+row without producing a batch raises ``DataError`` naming the worker, its pid and the signal.
 """
 
 from __future__ import annotations
@@ -30,7 +36,9 @@ import multiprocessing
 import os
 import pickle
 import queue
+import shutil
 import signal
+import tempfile
 import threading
 import traceback
 import warnings
@@ -41,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from resnet_jax.errors import ConfigError
+from resnet_jax.errors import ConfigError, DataError, exit_code
 
 Batch = dict[str, np.ndarray]
 
@@ -49,6 +57,8 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _POLL_S = 0.1  # how often a blocked pump checks for close()
 _CLOSE_TIMEOUT_S = 60.0  # close() waits this long for the batch a worker is computing
 _MIN_SHM_BYTES = 1 << 16  # smaller arrays are pickled through the pipe instead of shared memory
+_MAX_RESTARTS = 3  # fresh worker pools in a row that produce no batch before a DataError
+_WATCH_S = 0.05  # how often a starting pool's pid files are read (to know its processes)
 
 
 def resolve_workers(workers: int, kind: str) -> int:
@@ -82,8 +92,10 @@ class _Failure:
         where = f"data batch {self.step}" + (" (in a worker process)" if self.trace else "")
         if self.error is None:
             return RuntimeError(f"{where} failed: {self.kind}: {self.message}\n{self.trace}")
+        expected = exit_code(self.error) is not None  # one line that says what to fix
         self.error.add_note(f"raised computing {where}" +
-                            (f"; the worker's traceback:\n{self.trace}" if self.trace else ""))
+                            (f"; the worker's traceback:\n{self.trace}"
+                             if self.trace and not expected else ""))
         return self.error
 
 
@@ -108,8 +120,23 @@ class _Guarded:
             return _Failure(step, error, type(e).__name__, str(e), trace)
 
 
+@dataclasses.dataclass(frozen=True)
+class _InitWorker:
+    """First thing in each worker process (grain's ``worker_init_fn``): signals as below, then
+    the worker's pid in ``directory/<index>``, so the parent can tell which worker died."""
+
+    directory: str
+
+    def __call__(self, index: int, count: int) -> None:
+        _init_worker(index, count)
+        path = os.path.join(self.directory, str(index))
+        with open(f"{path}.tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(f"{path}.tmp", path)
+
+
 def _init_worker(index: int, count: int) -> None:
-    """First thing in each worker process (grain's ``worker_init_fn``)."""
+    """Signals of a worker process: SIGINT/SIGTERM ignored, exit with the parent."""
     del index, count
     for s in _SIGNALS:  # the training loop handles these; its workers just stop with it
         signal.signal(s, signal.SIG_IGN)
@@ -171,35 +198,201 @@ def _acquire(slots: threading.Semaphore, stop: threading.Event) -> bool:
     return False
 
 
-def _pump(dataset: Any, q: queue.Queue, slots: threading.Semaphore,
-          stop: threading.Event) -> None:
+@dataclasses.dataclass
+class _Death:
+    """A worker process of the pool that is gone."""
+
+    index: int
+    pid: int
+    signum: int | None  # the signal that ended it
+    status: int | None  # else its exit status (None: not seen, already reaped)
+
+    def how(self) -> str:
+        if self.signum is not None:
+            name = signal.Signals(self.signum).name if self.signum in signal.valid_signals() \
+                else f"signal {self.signum}"
+            return f"was killed by {name}"
+        if self.status is not None:
+            return f"exited with status {self.status}"
+        return "died (its exit status was not seen)"
+
+
+class _Workers:
+    """The worker processes of one pool: each writes its pid to ``directory/<index>`` when it
+    starts (``_InitWorker``); their ``multiprocessing.Process`` objects are looked up while they
+    run, as grain reaps a dead worker (and drops it) before its error reaches the pump."""
+
+    def __init__(self, directory: str, count: int) -> None:
+        self.directory = directory
+        self.count = count
+        os.makedirs(directory)
+        self._procs: dict[int, Any] = {}  # pid -> multiprocessing.Process
+        self._ended = threading.Event()
+        threading.Thread(target=self._watch_until_known, daemon=True,
+                         name="resnet_jax_data_workers").start()
+
+    def _watch_until_known(self) -> None:
+        while not self._ended.wait(_WATCH_S) and len(self._procs) < self.count:
+            self.watch()
+
+    def end(self) -> None:
+        """The pool is closed: stop looking for its processes."""
+        self._ended.set()
+
+    def pids(self) -> dict[int, int]:
+        """worker index -> pid, for the workers started so far."""
+        out: dict[int, int] = {}
+        try:
+            names = os.listdir(self.directory)
+        except FileNotFoundError:  # the stream ended: its pool is gone
+            return out
+        for name in names:
+            if name.isdigit():
+                with open(os.path.join(self.directory, name)) as f:
+                    out[int(name)] = int(f.read())
+        return out
+
+    def watch(self) -> None:
+        """Keeps the ``Process`` of every started worker (cheap once all are known)."""
+        pids = set(self.pids().values())
+        if pids <= set(self._procs):
+            return
+        for proc in multiprocessing.active_children():
+            if proc.pid in pids:
+                self._procs.setdefault(proc.pid, proc)
+
+    def dead(self) -> _Death | None:
+        """The first worker (by index) that is gone, or None when all are alive."""
+        self.watch()
+        for index, pid in sorted(self.pids().items()):
+            proc = self._procs.get(pid)
+            if proc is not None:
+                code = proc.exitcode
+                if code is not None and code != 0:
+                    return _Death(index, pid, -code if code < 0 else None,
+                                  code if code > 0 else None)
+                continue
+            try:  # not seen running: still a zombie (WNOWAIT leaves it to grain) or gone
+                info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:
+                info = None
+                if not _pid_exists(pid):
+                    return _Death(index, pid, None, None)
+            if info is not None:
+                if info.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+                    return _Death(index, pid, info.si_status, None)
+                if info.si_status != 0:
+                    return _Death(index, pid, None, info.si_status)
+        return None
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _dying_error(death: _Death, where: str, workers: int) -> DataError:
+    if death.signum == signal.SIGKILL:
+        fix = ("SIGKILL is what the kernel's out-of-memory killer sends: set fewer "
+               f"--config.data.workers (now {workers}; 0 computes batches in this process) or "
+               "give the job more memory")
+    else:
+        fix = ("the output above may say why; --config.data.workers=0 computes batches in this "
+               f"process (now {workers} workers)")
+    return DataError(f"data worker {death.index} (pid {death.pid}) {death.how()} at {where}, "
+                     f"and {_MAX_RESTARTS} fresh worker pool(s) in a row died before making a "
+                     f"batch; {fix}")
+
+
+def _at(steps: Sequence[int], done: int) -> str:
+    return f"data batch {steps[done]}" if done < len(steps) else "the end of the stream"
+
+
+@dataclasses.dataclass
+class _Shared:
+    """What the pump shares with the consumer's thread."""
+
+    workers: _Workers | None = None  # the current pool's
+    restarts: int = 0  # worker pools restarted after a worker died
+
+
+def _pump(build: Callable[[Sequence[int], Any], Any], steps: Sequence[int], workers: int,
+          q: queue.Queue, slots: threading.Semaphore, stop: threading.Event, shared: _Shared,
+          root: str | None) -> None:
     """Background thread: drives the grain iterator into ``q``, taking one of the ``prefetch``
     ``slots`` (given back by the consumer) before each batch; closes the iterator (joining the
-    worker processes) when the stream ends or fails, or ``stop`` is set."""
-    it = None
+    worker processes) when the stream ends or fails, or ``stop`` is set. A worker that died
+    closes the pool and starts a fresh one at the first batch not yet in ``q``."""
+    done = 0  # batches put in q
+    fruitless = 0  # pools in a row that died before a batch
+    slot = False  # one of the slots is held for the next batch
     try:
-        it = iter(dataset)
-        del dataset
-        while _acquire(slots, stop):
+        for generation in itertools.count():
+            if stop.is_set():
+                return
+            pool = (_Workers(os.path.join(root, str(generation)), workers)
+                    if root is not None else None)
+            shared.workers = pool
+            it = None
             try:
-                item = next(it)
-            except StopIteration:
-                q.put(_END)
-                return
-            failed = isinstance(item, _Failure)
-            q.put(_plain(item))
-            del item  # no reference to a worker's shared memory while waiting for a slot
-            if failed:
-                return
+                it = iter(build(steps[done:], pool))
+                while True:
+                    if not slot:
+                        if not _acquire(slots, stop):
+                            return
+                        slot = True
+                    try:
+                        item = next(it)
+                    except StopIteration:
+                        q.put(_END)
+                        return
+                    slot = False
+                    failed = isinstance(item, _Failure)
+                    q.put(_plain(item))
+                    del item  # no reference to a worker's shared memory while waiting for a slot
+                    if failed:
+                        return
+                    done += 1
+                    fruitless = 0
+                    if pool is not None:
+                        pool.watch()
+            except Exception as e:  # a dead worker restarts the pool, anything else is handed on
+                death = pool.dead() if pool is not None else None
+                if death is None:
+                    raise
+                if stop.is_set():
+                    return
+                if fruitless == _MAX_RESTARTS:
+                    raise _dying_error(death, _at(steps, done), workers) from e
+                fruitless += 1
+                shared.restarts += 1
+                warnings.warn(f"data worker {death.index} (pid {death.pid}) {death.how()}; "
+                              f"restarting the {workers} data worker(s) at {_at(steps, done)} "
+                              f"(attempt {fruitless} of {_MAX_RESTARTS} in a row)",
+                              RuntimeWarning, stacklevel=1)
+            finally:
+                if it is not None:
+                    _close_quietly(it)
+                if pool is not None:
+                    pool.end()
     except BaseException as e:  # handed to the consumer
         q.put(_Crash(e))
     finally:
-        if it is not None:
-            try:
-                it.close()
-            except Exception as e:  # the workers are gone either way
-                warnings.warn(f"closing the data workers failed: {type(e).__name__}: {e}",
-                              RuntimeWarning, stacklevel=1)
+        if root is not None:
+            shutil.rmtree(root, ignore_errors=True)  # pid files of workers that are all gone
+
+
+def _close_quietly(it: Any) -> None:
+    try:
+        it.close()
+    except Exception as e:  # the workers are gone either way
+        warnings.warn(f"closing the data workers failed: {type(e).__name__}: {e}",
+                      RuntimeWarning, stacklevel=1)
 
 
 _LIVE: weakref.WeakSet[Batches] = weakref.WeakSet()
@@ -218,7 +411,9 @@ class Batches(Iterator[Batch]):
     ``range(k, sys.maxsize)`` for an infinite stream), computed by ``workers`` worker processes
     (0: in this process), at most ``prefetch`` batches ahead of the consumer (computed or being
     computed; with workers, each also holds up to three). A failed ``make(k)`` is re-raised at
-    batch ``k`` and the iterator closes.
+    batch ``k`` and the iterator closes. A worker that dies is replaced (a fresh pool from the
+    first batch not handed on: ``restarts`` counts them); one that keeps dying is a
+    ``DataError``.
 
     ``num_batches`` is the length of a finite (eval) stream, else None.
     """
@@ -238,25 +433,35 @@ class Batches(Iterator[Batch]):
         workers = min(workers, len(steps))  # no idle processes for a short eval stream
         self.num_batches = num_batches
         self.workers = workers
-        ds = grain.MapDataset.source(steps).map(_Guarded(make, in_worker=workers > 0))
-        # One batch at a time per process: the parallelism is the worker processes.
-        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         if workers:
             _absl_flags_parsed()
             # Started here, not by grain in a thread below: its launcher unblocks SIGINT/SIGTERM
             # in the thread that starts it (instead of restoring that thread's mask).
             resource_tracker.ensure_running()
+        guarded = _Guarded(make, in_worker=workers > 0)
+
+        def build(todo: Sequence[int], pool: _Workers | None) -> Any:
+            ds = grain.MapDataset.source(todo).map(guarded)
+            # One batch at a time per process: the parallelism is the worker processes.
+            ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+            if pool is None:
+                return ds
             ds = grain.experimental.WithOptionsIterDataset(
                 ds, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHM_BYTES))
-            ds = ds.mp_prefetch(
+            return ds.mp_prefetch(
                 grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=1),
-                worker_init_fn=_init_worker)
+                worker_init_fn=_InitWorker(pool.directory))
+
+        root = tempfile.mkdtemp(prefix="resnet_jax_data_") if workers else None
+        self._shared = _Shared()
         self._queue: queue.Queue[Any] = queue.Queue()
         self._slots = threading.Semaphore(prefetch)
         self._stop = threading.Event()
-        thread = threading.Thread(target=_pump, args=(ds, self._queue, self._slots, self._stop),
-                                  daemon=True, name="resnet_jax_data")
-        del ds
+        thread = threading.Thread(
+            target=_pump, args=(build, steps, workers, self._queue, self._slots, self._stop,
+                                self._shared, root),
+            daemon=True, name="resnet_jax_data")
+        del build
         # Threads and processes inherit the signal mask: the pump, grain's threads (started by
         # the pump) and the workers (started by those) begin with SIGINT/SIGTERM blocked, so
         # they never run Python's handlers; the main thread keeps receiving them.
@@ -264,6 +469,16 @@ class Batches(Iterator[Batch]):
             thread.start()
         self._thread = thread
         _LIVE.add(self)
+
+    @property
+    def restarts(self) -> int:
+        """How many times the worker pool was restarted after a worker died."""
+        return self._shared.restarts
+
+    def worker_pids(self) -> dict[int, int]:
+        """Worker index -> pid of the current pool's worker processes started so far."""
+        pool = self._shared.workers
+        return pool.pids() if pool is not None else {}
 
     def __iter__(self) -> Batches:
         return self

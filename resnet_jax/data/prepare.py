@@ -43,6 +43,7 @@ import numpy as np
 from resnet_jax.data.sources import (
     CIFAR_LAYOUT,
     CIFAR_URL,
+    PREPARED_HERE,
     DataError,
     cifar_archive,
     unpickle_cifar,
@@ -50,7 +51,7 @@ from resnet_jax.data.sources import (
 
 IMAGENET_URL = "https://image-net.org/download-images"
 IMAGENET_TARS = {"train": "ILSVRC2012_img_train.tar", "validation": "ILSVRC2012_img_val.tar"}
-DATASETS = ("imagenet2012", "cifar10", "cifar100")
+DATASETS = PREPARED_HERE
 MIN_SHARD_MB, MAX_SHARD_MB = 64, 1024  # TFDS's shard_utils defaults
 
 _VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")

@@ -30,6 +30,8 @@ from resnet_jax.data import augment
 from resnet_jax.errors import ConfigError, DataError
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+# What ``python -m resnet_jax.data.prepare`` writes (others: ``tfds build``, needs tensorflow).
+PREPARED_HERE = ("imagenet2012", "cifar10", "cifar100")
 # Fixed digits split: the first 1437 examples train, the last 360 (20%) test.
 DIGITS_NUM_TEST = 360
 
@@ -272,15 +274,38 @@ class TfdsSource(_RandomAccess):
     image_shape: tuple[int | None, int | None, int]
     builder: Any = dataclasses.field(default=None, repr=False)  # to reopen ``split_name``
     split_name: str | None = None
+    # The split's shard files in record order, (path, first record, number of records), to
+    # name the file of a record that cannot be read; and how to repair the dataset.
+    shards: tuple[tuple[str, int, int], ...] = dataclasses.field(default=(), repr=False)
+    repair: str = dataclasses.field(default="", repr=False)
 
     def __len__(self) -> int:
         return self.stop - self.start
 
     def read(self, indices: np.ndarray) -> tuple[list[np.ndarray] | list[bytes], np.ndarray]:
-        examples = [self.ds[int(i) + self.start] for i in indices]
+        examples = [self._example(int(i) + self.start) for i in indices]
         return ([e["image"] if isinstance(e["image"], bytes) else np.asarray(e["image"])
                  for e in examples],
                 np.asarray([e["label"] for e in examples], dtype=np.int32))
+
+    def _example(self, index: int) -> dict:
+        try:
+            return self.ds[index]
+        except (RuntimeError, OSError) as e:  # array_record's reader raises RuntimeError
+            raise DataError(self._unreadable(index, e)) from e
+
+    def _unreadable(self, index: int, error: BaseException) -> str:
+        """One line: the shard file (and record in it) that ``index`` could not be read from."""
+        cause = " ".join(f"{type(error).__name__}: {error}".split())
+        where = f"example {index} of split {self.split_name!r}"
+        for path, first, count in self.shards:
+            if index < count:
+                what = "is missing" if "://" not in path and not os.path.exists(path) else \
+                    "is damaged"
+                return (f"data shard {path} {what} (record {first + index} of the file, {where}: "
+                        f"{cause}); {self.repair}")
+            index -= count
+        return f"{where} cannot be read ({cause}); {self.repair}"
 
     def encoded(self) -> TfdsSource:
         """The same examples with the image feature left encoded (``read`` returns the stored
@@ -408,6 +433,19 @@ def tfds_splits(name: str, data_dir: str | None, manual_dir: str | None, downloa
                 msg = (f"TFDS dataset {name!r} is not prepared in "
                        f"{builder._data_dir_root}; {_tfds_how(name, builder, manual_dir)}")
             raise DataError(msg) from e
+        shards = tuple((os.fspath(f.filename), int(f.skip), int(f.take))
+                       for f in builder.info.splits[split].file_instructions) if splits else ()
         sources.append(TfdsSource(ds, 0, len(ds), num_classes, shape,  # type: ignore[arg-type]
-                                  builder, split))
+                                  builder, split, shards, _tfds_repair(name, builder)))
     return sources[0], sources[1]
+
+
+def _tfds_repair(name: str, builder: Any) -> str:
+    """How to repair a prepared dataset whose files are damaged (the end of a DataError)."""
+    root = builder._data_dir_root
+    if name in PREPARED_HERE:
+        how = f"`python -m resnet_jax.data.prepare {name} --data_dir={root} ...`"
+    else:
+        how = f"`tfds build {name} --data_dir={root} --file_format=array_record`"
+    return (f"restore the file from a copy, or delete {builder.data_dir} and prepare the "
+            f"dataset again: {how}")
