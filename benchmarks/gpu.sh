@@ -25,10 +25,31 @@
 #          still running when the device time runs out loses its $OUT.
 #   call 4, only if call 3 stopped at its limit and time is left: bash benchmarks/gpu.sh train
 #          (resumes from the last checkpoint, every 2k steps; TRAIN_LIMIT_S=... to fit what is left)
-# Written to $OUT: call 1 setup.log smoke.log bench.log bench.jsonl bench.md; call 2 setup.log;
-# call 3 setup.log train.log metrics.jsonl curves.png summary.txt run.tar.gz (the run's workdir:
-# checkpoints, for resuming on a fresh machine by carrying it as .gpu/run.tar.gz, and analyses).
-# summary.txt is one line: test error vs the paper's 8.75 %, images/s, wall time, device.
+# Written to $OUT: call 1 setup.log smoke.log bench.log bench.jsonl bench.md profile_smoke.json;
+# call 2 setup.log; call 3 setup.log train.log metrics.jsonl curves.png profile.json summary.txt
+# run.tar.gz (the run's workdir less its traces: checkpoints, for resuming on a fresh machine by
+# carrying it as .gpu/run.tar.gz, and analyses).
+# summary.txt is one line: test error vs the paper's 8.75 %, images/s, the profile figures below,
+# wall time, device.
+#
+# Profile figures (issue 22): train.py traces steps 1050-1149 of the training run (one 100-step
+# logging sync, at 1100, no eval or checkpoint) and steps 60-89 of the smoke run
+# (config.profile_steps; jax.profiler, Python tracing off) into its workdir, and
+# `gpu_report.py profile WORKDIR` reads the trace's plugins/profile/*/*.trace.json.gz (gzipped
+# Chrome trace JSON, no profiler plugin needed; the workdir's profile.json names it):
+#   host_ms   median over the steps of the wall time the loop spends from fetching the batch to
+#             having dispatched the step (its "train_step" annotation: batch fetch, key, device
+#             put, dispatch; no wait on the device unless dispatch itself blocks)
+#   step_ms   median wall time from one step's start to the next (host syncs, logging included)
+#   idle      the device's idle fraction over the window, first step's start to the end of the
+#             last device event: 1 - (union of its busy intervals) / window. GPU: the kernel and
+#             copy events on the "Stream #..." lines of /device:GPU:N (CUPTI); CPU: the XLA thunk
+#             events (an hlo_op arg) on the host's threads, per device_ordinal. Mean over devices.
+# -> the summary's "host 0.52 ms of a 3.10 ms step, device idle 12.3% (steps 1050-1149, gpu)",
+# profile.json / profile_smoke.json (also per-step lists, per-device idle and busy ms). The
+# profiler's own cost (CUPTI's callback on each launch) makes host_ms an upper bound; starting and
+# writing the two traces costs a few seconds. The dry run checks both files are written and in
+# range (0 <= idle <= 1, host_ms > 0).
 #
 # Time plan (assumed, not measured: no device has run this): machine start 1-2 min; call 1 ~4 min;
 # calls 2-3 transfers and gaps ~1 min; training ~4-5 min: ResNet-20 at batch 128 is ~16 GFLOP a
@@ -38,8 +59,9 @@
 # 640 metric fetches (log_every_steps=100: one host sync each, ~10 ms). Total ~11-13 min of 15.
 # The limits (SMOKE_LIMIT_S, BENCH_BUDGET_S, TRAIN_LIMIT_S) are env variables.
 #
-# CPU dry run of all of it at tiny sizes (tiny models, batches and steps; the archive named by
-# $CIFAR_ARCHIVE packed into 3 parts, staged one per call, joined and verified):
+# CPU dry run of all of it at tiny sizes (tiny models, batches and steps, profiles of steps 1-2,
+# XLA's CPU backend at -O0 to compile faster; the archive named by $CIFAR_ARCHIVE packed into 3
+# parts, staged one per call, joined and verified):
 #   CIFAR_ARCHIVE=/path/cifar-10-python.tar.gz bash benchmarks/gpu.sh --dry-run OUTDIR
 # Stages: prepare ARCHIVE | call1 | call2 | call3 | train | bench | check [OUTDIR ($OUT)].
 # Exit: 0 done; 1 usage or a failed step; 2 missing packages; 3 missing/corrupt parts; else the
@@ -85,15 +107,24 @@ SMOKE_ARGS=(--config configs/cifar10.py:resnet20 --config.dataset=synthetic
             --config.data.num_train=1024 --config.data.num_eval=512 --config.num_train_steps=100
             --config.log_every_steps=50 --config.eval_every_steps=100
             --config.checkpoint_every_steps=50 --config.data.on_device=True)
+# The profiled steps (config.profile_steps START,STOP: steps START..STOP-1). Training: 100 steady
+# steps holding one of the 100-step logging syncs (at step 1100) and no eval or checkpoint;
+# smoke: 30 steps between its syncs.
+TRAIN_PROFILE=1050,1150 SMOKE_PROFILE=60,90
 if [ "$DRY" = 1 ]; then
   TINY=(--config.model_kwargs.width=4 --config.batch_size=8 --config.eval_batch_size=16
         --config.log_every_steps=2 --config.checkpoint_every_steps=2)
   TRAIN_ARGS+=("${TINY[@]}" --config.num_train_steps=4 --config.eval_every_steps=4)
   STEPS=4 BATCH=8
   SMOKE_ARGS+=("${TINY[@]}" --config.data.num_train=64 --config.data.num_eval=32
-               --config.num_train_steps=2 --config.eval_every_steps=2)
+               --config.num_train_steps=3 --config.eval_every_steps=2)
+  TRAIN_PROFILE=1,3 SMOKE_PROFILE=1,3
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+  # XLA's CPU backend unoptimised: compiles ~3x faster, and the tiny steps do not mind.
+  export XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_backend_optimization_level=0"
 fi
+TRAIN_ARGS+=(--config.profile_steps=$TRAIN_PROFILE)
+SMOKE_ARGS+=(--config.profile_steps=$SMOKE_PROFILE)
 
 setup() {  # out: wheels, PYTHONPATH, parts carried in this call -> $STATE
   out=$1
@@ -143,7 +174,16 @@ smoke() {  # train.py end to end on synthetic data: loop, on-device data, checkp
   local rc=$?
   tail -n 2 "$out/smoke.log"
   [ $rc = 0 ] || echo "   smoke run FAILED (exit $rc; smoke.log): call 3 would fail the same way"
+  [ $rc = 0 ] && profile "$STATE/smoke" "$out/profile_smoke.json" "$out/smoke.log"
   return $rc
+}
+
+profile() {  # workdir json log: host ms a step and device idle of the run's profile_steps
+  rm -f "$2"
+  [ -f "$1/profile.json" ] || { echo "   no profile: $1 has no trace of profile_steps" \
+                                  | tee -a "$3"; return 1; }
+  "$PY" benchmarks/gpu_report.py profile "$1" --json "$2" 2>&1 | tee -a "$3"
+  [ "${PIPESTATUS[0]}" = 0 ] || echo "   profile figures FAILED (the line above)"
 }
 
 bench() {  # GPU_BENCH="name ...": only those; returns 1 when one failed
@@ -210,11 +250,12 @@ train() {
   [ "$rc" = 124 ] && reason="time limit ${TRAIN_LIMIT_S} s"
   [ "$rc" != 0 ] && [ "$rc" != 124 ] && reason="train.py exit $rc, see train.log"
   for f in metrics.jsonl curves.png; do [ -f "$run/$f" ] && cp "$run/$f" "$out/"; done
-  tar -czf "$out/run.tar.gz" -C "$run" .
+  profile "$run" "$out/profile.json" "$out/train.log"  # before the tar: profile_figures.json
+  tar -czf "$out/run.tar.gz" --exclude=./plugins -C "$run" .  # no traces: it must fit 16 MiB
   "$PY" benchmarks/gpu_report.py summary --metrics "$run/metrics.jsonl" --steps "$STEPS" \
     --batch "$BATCH" --model resnet20 --dataset cifar10 --paper 8.75 \
     --wall "$(cat "$run/wall_seconds")" --device-file "$STATE/device.txt" --reason "$reason" \
-    | tee "$out/summary.txt"
+    --profile "$out/profile.json" | tee "$out/summary.txt"
   return "$rc"
 }
 
@@ -260,6 +301,9 @@ dry_run() {  # every call on this CPU, tiny, each seeing only what its call carr
       || { local s=$?; rc=$s die "dry run: call $i failed (exit $s)"; }
     "$PY" benchmarks/gpu_report.py out-check "$top/call$i" || exit 1
   done
+  local figures=("$top/call3/profile.json")
+  [ "$SMOKE_LIMIT_S" = 0 ] || figures+=("$top/call1/profile_smoke.json")
+  "$PY" benchmarks/gpu_report.py profile-check "${figures[@]}" || exit 1
   echo "==== dry run done: $(cat "$top/call3/summary.txt")"
 }
 

@@ -5,15 +5,22 @@ and the check of what a call leaves in $OUT.
     python3 benchmarks/gpu_report.py bench-table bench.jsonl      # markdown table
     python3 benchmarks/gpu_report.py summary --metrics metrics.jsonl --steps 64000 ...
     python3 benchmarks/gpu_report.py out-check OUTDIR             # the device tool's $OUT limits
+    python3 benchmarks/gpu_report.py profile WORKDIR [--json F]   # host ms a step, device idle
+    python3 benchmarks/gpu_report.py profile-check F [F ...]      # the dry run's check of those
 
-Only ``imports`` imports anything beyond the standard library.
+Only ``imports`` imports anything beyond the standard library (``profile`` reads the
+``*.trace.json.gz`` that ``jax.profiler`` writes next to its ``*.xplane.pb``: gzipped JSON in
+the Chrome trace event format, no profiler plugin needed).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib
+import itertools
 import json
+import math
 import os
 import re
 import statistics
@@ -125,6 +132,10 @@ def summary(args: argparse.Namespace) -> str:
         with open(args.device_file) as f:
             device = f"; {f.read().strip()}"
     wall = f"; wall {_duration(args.wall)} in train.py" if args.wall else ""
+    prof = ""
+    if args.profile and os.path.isfile(args.profile):
+        with open(args.profile) as f:
+            prof = f"; {profile_line(json.load(f))}"
     done = max((int(r["step"]) for r in records), default=0)
     tests = [r for r in records if "test_error" in r]
     speeds = [r["images_per_second"] for r in records if "images_per_second" in r]
@@ -135,13 +146,14 @@ def summary(args: argparse.Namespace) -> str:
         err = 100 * tests[-1]["test_error"]
         paper = f" (paper {args.paper:.2f}%)" if args.paper else ""
         return (f"{head}: test error {err:.2f}%{paper} after {done}/{args.steps} steps of batch "
-                f"{args.batch}{speed}{wall}{device}")
+                f"{args.batch}{speed}{prof}{wall}{device}")
     last = (f"; last test error {100 * tests[-1]['test_error']:.2f}% at step {tests[-1]['step']}"
             if tests else "")
     why = f" ({args.reason})" if args.reason else ""
     resume = "; rerun `bash benchmarks/gpu.sh train` to resume" \
         if not args.reason or args.reason.startswith("time limit") else ""
-    return f"{head}: INCOMPLETE at step {done}/{args.steps}{why}{last}{speed}{wall}{device}{resume}"
+    return (f"{head}: INCOMPLETE at step {done}/{args.steps}{why}{last}{speed}{prof}{wall}{device}"
+            f"{resume}")
 
 
 def out_check(folder: str) -> list[str]:
@@ -164,6 +176,160 @@ def out_check(folder: str) -> list[str]:
     return problems
 
 
+class ProfileError(Exception):
+    """A trace that cannot give the figures; the message is the one line to print."""
+
+
+def _union_ms(intervals: list[tuple[float, float]], lo: float, hi: float) -> float:
+    """Length of the union of ``intervals`` (µs) clipped to ``[lo, hi]``, in ms."""
+    total, end = 0.0, lo
+    for s, e in sorted(intervals):
+        s, e = max(s, end), min(e, hi)
+        if e > s:
+            total += e - s
+            end = e
+    return total / 1000
+
+
+def profile_figures(workdir: str) -> dict:
+    """Host time per step and device idle fraction of the trace named by
+    ``workdir/profile.json`` (train.metrics.ProfileWindow writes both).
+
+    Steps: the loop's ``train_step`` annotations (batch fetch + dispatch). Device activity:
+    GPU, the kernel and copy events of the ``Stream #...`` lines of each ``/device:GPU:N``
+    process (CUPTI's record of what ran on the device; derived lines such as "XLA Ops" or
+    "Steps" are not counted); CPU, the XLA thunk events (an ``hlo_op`` arg) on the host's
+    threads, per ``device_ordinal``. The window runs from the first step's start to the end
+    of the last device event (the trace stops once the last step finished); idle = 1 - the
+    union of a device's busy intervals in it / its length, averaged over the devices.
+    """
+    manifest_path = os.path.join(workdir, "profile.json")
+    if not os.path.isfile(manifest_path):
+        raise ProfileError(f"no {manifest_path}: the run wrote no trace (set "
+                           "--config.profile_steps=START,STOP; a run resumed past START "
+                           "writes none)")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    trace_path = os.path.join(workdir, manifest["trace"])
+    try:
+        with gzip.open(trace_path, "rt") as f:
+            trace = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ProfileError(f"{trace_path}: not a readable gzipped JSON trace ({e})") from e
+    events = trace.get("traceEvents", [])
+    process, thread = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            process[e["pid"]] = e["args"]["name"]
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            thread[(e["pid"], e.get("tid"))] = e["args"]["name"]
+    spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    steps = sorted((e for e in spans if e["name"] == manifest["annotation"]
+                    and process.get(e["pid"], "").startswith("/host:")), key=lambda e: e["ts"])
+    start, stop = manifest["steps"]
+    if len(steps) < 2:
+        raise ProfileError(f"{trace_path}: {len(steps)} '{manifest['annotation']}' step "
+                           f"annotations, need 2 or more (profile_steps={start},{stop}: did the "
+                           "run stop inside the window?)")
+    platform = manifest["platform"]
+    busy: dict[int, list[tuple[float, float]]] = {}
+    if platform == "gpu":
+        source = "kernel and copy events on the 'Stream #' lines of /device:GPU:N"
+        for e in spans:
+            name = process.get(e["pid"], "")
+            if name.startswith("/device:GPU:") and \
+                    thread.get((e["pid"], e.get("tid")), "").startswith("Stream #"):
+                ordinal = int(re.match(r"/device:GPU:(\d+)", name).group(1))
+                busy.setdefault(ordinal, []).append((e["ts"], e["ts"] + e["dur"]))
+    elif platform == "cpu":
+        source = "XLA thunk events (hlo_op) on the /host:CPU threads"
+        for e in spans:
+            args = e.get("args") or {}
+            if "hlo_op" in args and process.get(e["pid"], "").startswith("/host:"):
+                ordinal = int(args.get("device_ordinal", 0))
+                busy.setdefault(ordinal, []).append((e["ts"], e["ts"] + e["dur"]))
+    else:
+        raise ProfileError(f"{trace_path}: platform {platform!r}: device activity is read for "
+                           "gpu and cpu traces only")
+    if not busy:
+        what = "no /device:GPU:N process with 'Stream #' lines (was CUPTI found?)" \
+            if platform == "gpu" else "no XLA thunk events (hlo_op args)"
+        raise ProfileError(f"{trace_path}: {what}: no device activity to measure")
+    lo = steps[0]["ts"]
+    hi = max([e for intervals in busy.values() for _, e in intervals]
+             + [steps[-1]["ts"] + steps[-1]["dur"]])
+    devices = sorted(set(range(int(manifest["devices"]))) | set(busy))
+    busy_ms = [_union_ms(busy.get(d, []), lo, hi) for d in devices]
+    window_ms = (hi - lo) / 1000
+    idle = [1 - b / window_ms for b in busy_ms]
+    host = [e["dur"] / 1000 for e in steps]
+    wall = [(b["ts"] - a["ts"]) / 1000 for a, b in itertools.pairwise(steps)]
+    return {
+        "steps": [start, stop], "steps_seen": len(steps), "platform": platform,
+        "first_step": int(steps[0].get("args", {}).get("step_num", start)),
+        "last_step": int(steps[-1].get("args", {}).get("step_num", start + len(steps) - 1)),
+        "trace": manifest["trace"],
+        "host_ms": statistics.median(host), "host_ms_mean": statistics.fmean(host),
+        "step_ms": statistics.median(wall), "step_ms_mean": statistics.fmean(wall),
+        "window_ms": window_ms, "idle": statistics.fmean(idle),
+        "idle_per_device": {str(d): v for d, v in zip(devices, idle, strict=True)},
+        "device_busy_ms": {str(d): v for d, v in zip(devices, busy_ms, strict=True)},
+        "device_events": sum(map(len, busy.values())), "device_source": source,
+        "host_ms_steps": [round(v, 4) for v in host],
+        "step_ms_steps": [round(v, 4) for v in wall],
+    }
+
+
+FIGURES = "profile_figures.json"  # in the workdir: what profile_report read from its trace
+
+
+def profile_report(workdir: str) -> tuple[dict, str]:
+    """The figures of ``workdir``'s trace, and a note on where they came from.
+
+    The figures are saved as ``workdir/profile_figures.json``; a workdir that travelled
+    without its trace (gpu.sh's run.tar.gz carries no ``plugins/``) gets those back, noted.
+    """
+    saved = os.path.join(workdir, FIGURES)
+    manifest = os.path.join(workdir, "profile.json")
+    if os.path.isfile(manifest) and os.path.isfile(saved):
+        with open(manifest) as f:
+            trace = json.load(f)["trace"]
+        if not os.path.isfile(os.path.join(workdir, trace)):
+            with open(saved) as f:
+                fig = json.load(f)
+            if fig.get("trace") == trace:
+                return fig, f" (read from {trace} before the workdir travelled without it)"
+    fig = profile_figures(workdir)
+    with open(saved + ".tmp", "w") as f:
+        json.dump(fig, f, indent=1)
+    os.replace(saved + ".tmp", saved)
+    return fig, ""
+
+
+def profile_line(fig: dict) -> str:
+    """``host 0.52 ms of a 3.10 ms step, device idle 12.3% (steps 1050-1149, gpu)``."""
+    return (f"host {fig['host_ms']:.2f} ms of a {fig['step_ms']:.2f} ms step, device idle "
+            f"{100 * fig['idle']:.1f}% (steps {fig['first_step']}-{fig['last_step']}, "
+            f"{fig['platform']})")
+
+
+def profile_check(path: str) -> str:
+    """Empty if ``path`` holds the profile figures within range, else what is wrong."""
+    if not os.path.isfile(path):
+        return f"{path}: missing (gpu_report.py profile did not write it)"
+    with open(path) as f:
+        fig = json.load(f)
+    bad = [k for k in ("host_ms", "step_ms", "window_ms", "idle")
+           if not isinstance(fig.get(k), (int, float)) or not math.isfinite(fig[k])]
+    if bad:
+        return f"{path}: {', '.join(bad)} missing or not a finite number"
+    if not 0 <= fig["idle"] <= 1 or not all(0 <= v <= 1 for v in fig["idle_per_device"].values()):
+        return f"{path}: idle {fig['idle']} outside [0, 1]"
+    if not (fig["host_ms"] > 0 and fig["step_ms"] > 0 and fig["window_ms"] > 0):
+        return f"{path}: host_ms {fig['host_ms']}, step_ms {fig['step_ms']}: not > 0"
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,11 +347,34 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wall", type=float, default=0.0, help="seconds spent in train.py")
     p.add_argument("--device-file", default=None)
     p.add_argument("--reason", default="", help="why it stopped early, if it did")
+    p.add_argument("--profile", default=None, help="gpu_report.py profile's json, if written")
     p = sub.add_parser("out-check")
     p.add_argument("folder")
+    p = sub.add_parser("profile", help="host ms a step and device idle from profile_steps' trace")
+    p.add_argument("workdir", help="the run's workdir (its profile.json names the trace); the "
+                   f"figures are saved there as {FIGURES}")
+    p.add_argument("--json", default=None, help="also write the figures here")
+    p = sub.add_parser("profile-check", help="exit 1 unless the figures are there and in range")
+    p.add_argument("files", nargs="+")
     args = parser.parse_args(argv)
     if args.command == "imports":
         return check_imports(args.device_file)
+    if args.command == "profile":
+        try:
+            fig, note = profile_report(args.workdir)
+        except ProfileError as e:
+            print(f"gpu_report.py profile: {e}", file=sys.stderr)
+            return 1
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(fig, f, indent=1)
+        print(f"profile: {profile_line(fig)}{note}")
+        return 0
+    if args.command == "profile-check":
+        problems = [p for p in map(profile_check, args.files) if p]
+        for p in problems:
+            print(f"gpu.sh: profile figures: {p}", file=sys.stderr)
+        return 1 if problems else 0
     if args.command == "bench-table":
         print(bench_table(args.jsonl))
     elif args.command == "summary":

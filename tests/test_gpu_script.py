@@ -5,6 +5,7 @@ and one-line errors, the import check, the resume paths and the $OUT limits."""
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import importlib.util
 import json
@@ -14,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 from test_data_archive import known, write_archive
@@ -68,19 +70,37 @@ def test_dry_run_runs_every_call_and_resumes(archive, tmp_path):
 
     # What each call leaves in $OUT, all within the device tool's limits (checked by the script).
     assert sorted(os.listdir(top / "call1")) == \
-        ["bench.jsonl", "bench.log", "bench.md", "setup.log", "smoke.log"]
+        ["bench.jsonl", "bench.log", "bench.md", "profile_smoke.json", "setup.log", "smoke.log"]
     assert sorted(os.listdir(top / "call3")) == \
-        ["curves.png", "metrics.jsonl", "run.tar.gz", "setup.log", "summary.txt", "train.log"]
+        ["curves.png", "metrics.jsonl", "profile.json", "run.tar.gz", "setup.log", "summary.txt",
+         "train.log"]
     bench = [json.loads(line) for line in (top / "call1" / "bench.jsonl").read_text().splitlines()]
     assert [b["name"] for b in bench] == ["r20_b128_jit"]
     assert all(b["images_per_second"] > 0 and b["backend"] == "cpu" for b in bench)
     assert "step 2: test error" in (top / "call1" / "smoke.log").read_text()
 
+    # The profiled steps 1-2 of the smoke (call 1) and of the training run (call 3): host time
+    # per step and device idle fraction, in range (the dry run's profile-check passed too).
+    for name, log in (("call1/profile_smoke.json", "call1/smoke.log"),
+                      ("call3/profile.json", "call3/train.log")):
+        fig = json.loads((top / name).read_text())
+        assert fig["steps"] == [1, 3] and fig["steps_seen"] == 2 and fig["platform"] == "cpu"
+        assert 0 <= fig["idle"] <= 1 and fig["host_ms"] > 0 and fig["step_ms"] > 0, fig
+        assert fig["device_events"] > 0 and list(fig["idle_per_device"]) == ["0"], fig
+        assert f"profile: {gpu_report.profile_line(fig)}" in (top / log).read_text()
+    line = gpu_report.profile_line(fig)  # the training run's, in its summary
+    with tarfile.open(top / "call3" / "run.tar.gz") as tar:
+        members = tar.getnames()
+    assert "./profile_figures.json" in members and "./checkpoints" in members
+    assert not [m for m in members if "plugins" in m], members
+
     summary = (top / "call3" / "summary.txt").read_text().strip()
     match = re.fullmatch(r"resnet20 on cifar10: test error (\d+\.\d\d)% \(paper 8\.75%\) after "
                          r"4/4 steps of batch 8; [\d,]+ images/s \(median of 2 logged "
-                         r"intervals\); wall \d+ s in train\.py; 1 x cpu \(cpu\)", summary)
-    assert match, summary
+                         r"intervals\); host [\d.]+ ms of a [\d.]+ ms step, device idle "
+                         r"\d+\.\d% \(steps 1-2, cpu\); wall \d+ s in train\.py; 1 x cpu \(cpu\)",
+                         summary)
+    assert match and line in summary, summary
     records = [json.loads(line) for line in (top / "call3" / "metrics.jsonl").read_text()
                .splitlines()]
     assert f"{100 * records[-1]['test_error']:.2f}" == match.group(1)
@@ -103,8 +123,11 @@ def test_dry_run_runs_every_call_and_resumes(archive, tmp_path):
                env={**env, "TRAIN_LIMIT_S": "1", "GPU_CARRY": str(tmp_path / "carry")})
     assert "resuming from the carried run.tar.gz" in r.stdout, (r.stdout + r.stderr)[-3000:]
     assert (state / "run" / "checkpoints").is_dir()
-    assert f"test error {match.group(1)}% (paper 8.75%) after 4/4" in \
-        (tmp_path / "out_b" / "summary.txt").read_text()
+    resumed = (tmp_path / "out_b" / "summary.txt").read_text()
+    assert f"test error {match.group(1)}% (paper 8.75%) after 4/4" in resumed
+    # run.tar.gz carries no trace (plugins/), only the figures read from it in call 3.
+    assert line in resumed and "before the workdir travelled without it" in \
+        (tmp_path / "out_b" / "train.log").read_text()
 
 
 def test_every_benchmark_command_line_parses():
@@ -250,3 +273,102 @@ def test_out_check_applies_the_device_tools_limits(tmp_path):
     problems = " ".join(gpu_report.out_check(str(tmp_path)))
     assert "more than 2 folders down" in problems and "name not in" in problems
     assert "10 files" in problems
+
+
+def _write_trace(workdir: pathlib.Path, platform: str, devices: int,
+                 names: dict[tuple[int, int | None], str], spans: list[tuple]) -> None:
+    """A ``jax.profiler``-style trace (Chrome trace JSON, gzipped) and the ProfileWindow
+    manifest naming it; ``spans``: (pid, tid, name, ts µs, dur µs, args)."""
+    events = [{"ph": "M", "pid": pid, "name": "process_name", "args": {"name": n}}
+              for (pid, tid), n in names.items() if tid is None]
+    events += [{"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": n}}
+               for (pid, tid), n in names.items() if tid is not None]
+    events += [{"ph": "X", "pid": p, "tid": t, "name": n, "ts": ts, "dur": d, "args": a}
+               for p, t, n, ts, d, a in spans]
+    run = workdir / "plugins" / "profile" / "2026_12_03_12_00_00"
+    run.mkdir(parents=True)
+    with gzip.open(run / "host.trace.json.gz", "wt") as f:
+        json.dump({"displayTimeUnit": "ns", "traceEvents": events}, f)
+    (workdir / "profile.json").write_text(json.dumps({
+        "trace": "plugins/profile/2026_12_03_12_00_00/host.trace.json.gz", "steps": [5, 8],
+        "platform": platform, "devices": devices, "annotation": "train_step"}))
+
+
+def _steps(pid: int, tid: int) -> list[tuple]:
+    return [(pid, tid, "train_step", 0, 2, {"step_num": "5"}),
+            (pid, tid, "train_step", 10, 3, {"step_num": "6"}),
+            (pid, tid, "train_step", 20, 4, {"step_num": "7"})]
+
+
+def test_profile_reads_gpu_stream_events_only(tmp_path):
+    names = {(1, None): "/host:CPU", (1, 10): "python", (2, None): "/device:GPU:0",
+             (2, 20): "Stream #7(Kernel)", (2, 21): "Stream #9(MemcpyH2D)", (2, 22): "XLA Ops"}
+    _write_trace(tmp_path, "gpu", 1, names, [
+        *_steps(1, 10),
+        (1, 10, "fusion.1", 0, 30, {"hlo_op": "fusion.1"}),  # host-side: not device activity
+        (2, 22, "fusion.1", 0, 40, {}),                       # a derived line: not counted
+        (2, 20, "k1", -5, 10, {}), (2, 20, "k2", 4, 4, {}),   # 0..8 once clipped and joined
+        (2, 20, "k3", 12, 3, {}), (2, 21, "copy", 14, 4, {}),  # 12..18 across two streams
+        (2, 20, "k4", 22, 8, {})])                            # 22..30: the window's end
+    fig = gpu_report.profile_figures(str(tmp_path))
+    assert fig["window_ms"] == pytest.approx(0.030) and fig["device_events"] == 5
+    assert fig["device_busy_ms"] == {"0": pytest.approx(0.022)}
+    assert fig["idle"] == pytest.approx(8 / 30) and fig["steps_seen"] == 3
+    assert fig["host_ms"] == pytest.approx(0.003) and fig["step_ms"] == pytest.approx(0.010)
+    assert gpu_report.profile_line(fig) == \
+        "host 0.00 ms of a 0.01 ms step, device idle 26.7% (steps 5-7, gpu)"
+    assert gpu_report.profile_check(str(tmp_path / "fig.json")).endswith("missing (gpu_report."
+                                                                          "py profile did not "
+                                                                          "write it)")
+    assert gpu_report.main(["profile", str(tmp_path), "--json", str(tmp_path / "fig.json")]) == 0
+    assert gpu_report.profile_check(str(tmp_path / "fig.json")) == ""
+    # Saved in the workdir: a workdir that travelled without its trace reports those, noted.
+    trace = tmp_path / "plugins" / "profile" / "2026_12_03_12_00_00" / "host.trace.json.gz"
+    data = trace.read_bytes()
+    trace.unlink()
+    again, note = gpu_report.profile_report(str(tmp_path))
+    assert again == json.loads((tmp_path / "fig.json").read_text()) and "travelled" in note
+    (tmp_path / "profile_figures.json").write_text(json.dumps({**again, "trace": "other"}))
+    with pytest.raises(gpu_report.ProfileError, match="not a readable gzipped JSON trace"):
+        gpu_report.profile_report(str(tmp_path))  # figures of another trace: not used
+    trace.write_bytes(data)
+    fig["idle"] = 1.5
+    (tmp_path / "bad.json").write_text(json.dumps(fig))
+    assert "idle 1.5 outside [0, 1]" in gpu_report.profile_check(str(tmp_path / "bad.json"))
+    fig["idle"], fig["host_ms"] = 0.5, None
+    (tmp_path / "bad.json").write_text(json.dumps(fig))
+    assert gpu_report.main(["profile-check", str(tmp_path / "fig.json"),
+                            str(tmp_path / "bad.json")]) == 1
+
+
+def test_profile_reads_cpu_thunks_per_device(tmp_path):
+    names = {(1, None): "/host:CPU", (1, 10): "python", (1, 11): "tf_XLAPjRtCpuClient/1",
+             (1, 12): "tf_XLAEigen/2"}
+    op = {"hlo_op": "conv", "device_ordinal": "0"}
+    _write_trace(tmp_path, "cpu", 3, names, [
+        *_steps(1, 10),
+        (1, 11, "conv", 1, 9, op), (1, 12, "conv", 2, 3, op),  # nested in one device: 1..10
+        (1, 10, "small", 12, 2, op),                            # inline on the caller: 12..14
+        (1, 11, "Wait for usage holds", 14, 10, {}),            # not an XLA thunk
+        (1, 12, "dot", 5, 19, {"hlo_op": "dot", "device_ordinal": "1"})])  # 5..24
+    fig = gpu_report.profile_figures(str(tmp_path))
+    assert fig["window_ms"] == pytest.approx(0.024)  # the last step's end
+    assert fig["device_busy_ms"] == {"0": pytest.approx(0.011), "1": pytest.approx(0.019),
+                                     "2": 0.0}
+    assert fig["idle_per_device"]["2"] == 1.0
+    assert fig["idle"] == pytest.approx(1 - (11 + 19) / 24 / 3)
+
+
+def test_profile_errors_name_the_fix(tmp_path, capsys):
+    assert gpu_report.main(["profile", str(tmp_path)]) == 1
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("gpu_report.py profile: no ") and \
+        "set --config.profile_steps=START,STOP" in line
+    names = {(1, None): "/host:CPU", (1, 10): "python"}
+    _write_trace(tmp_path / "a", "gpu", 1, names, _steps(1, 10))
+    with pytest.raises(gpu_report.ProfileError, match="no /device:GPU:N process with 'Stream #' "
+                       r"lines \(was CUPTI found\?\)"):
+        gpu_report.profile_figures(str(tmp_path / "a"))
+    _write_trace(tmp_path / "b", "cpu", 1, names, _steps(1, 10)[:1])
+    with pytest.raises(gpu_report.ProfileError, match="1 'train_step' step annotations, need 2"):
+        gpu_report.profile_figures(str(tmp_path / "b"))

@@ -130,27 +130,83 @@ def plot_curves(records: Sequence[Mapping[str, float]], path: str, title: str = 
 
 class ProfileWindow:
     """A ``jax.profiler`` trace of the training steps ``start .. stop-1`` written into
-    ``workdir`` (``workdir/plugins/profile/<run>/*.xplane.pb``: TensorBoard's profile plugin
-    reads it with ``tensorboard --logdir WORKDIR``). ``window`` None: does nothing."""
+    ``workdir`` (``workdir/plugins/profile/<run>/*.xplane.pb`` and ``*.trace.json.gz``:
+    TensorBoard's profile plugin reads it with ``tensorboard --logdir WORKDIR``). ``window``
+    None: does nothing.
+
+    Each step of the window is a ``jax.profiler.StepTraceAnnotation`` named
+    :attr:`ANNOTATION` (``step_num`` = the step) on the loop's thread, from :meth:`before` to
+    :meth:`after`: batch fetch + dispatch, the host's part of the step. Python function
+    tracing is off (it slows the loop several times, so the host times and the device's idle
+    time would be the profiler's). Once the trace is written, ``workdir/profile.json`` names
+    it: ``{"trace": <path of the .trace.json.gz, relative to workdir>, "steps": [start, stop],
+    "platform": "gpu" | "cpu" | ..., "devices": <local device count>, "annotation": ...}``
+    (``benchmarks/gpu_report.py profile WORKDIR`` turns it into host ms per step and the
+    device idle fraction).
+    """
+
+    ANNOTATION = "train_step"
+    MANIFEST = "profile.json"
 
     def __init__(self, window: tuple[int, int] | None, workdir: str, *, enabled: bool) -> None:
         self._window = window if enabled else None
         self._workdir = workdir
         self._on = False
+        self._step: Any = None  # the open StepTraceAnnotation
+        self._runs_before: set[str] = set()
+
+    def _runs(self) -> set[str]:
+        folder = os.path.join(self._workdir, "plugins", "profile")
+        return set(os.listdir(folder)) if os.path.isdir(folder) else set()
 
     def before(self, step: int) -> None:
-        """Called before step ``step`` runs."""
+        """Called before step ``step`` fetches its batch."""
         if self._window is not None and step == self._window[0]:
-            jax.profiler.start_trace(self._workdir)
+            self._runs_before = self._runs()
+            options = jax.profiler.ProfileOptions()
+            options.python_tracer_level = 0
+            jax.profiler.start_trace(self._workdir, profiler_options=options)
             self._on = True
+        if self._on:
+            self._step = jax.profiler.StepTraceAnnotation(self.ANNOTATION, step_num=step)
+            self._step.__enter__()
 
     def after(self, done: int, outputs: Any) -> None:
-        """Called after ``done`` steps; ends the trace once the window's last step finished."""
+        """Called after ``done`` steps were dispatched; ends the trace once the window's last
+        step finished on the devices."""
+        self._end_step()
         if self._on and done >= self._window[1]:  # type: ignore[index]
             jax.block_until_ready(outputs)
             self.close()
 
+    def _end_step(self) -> None:
+        if self._step is not None:
+            self._step.__exit__(None, None, None)
+            self._step = None
+
     def close(self) -> None:
-        if self._on:
-            jax.profiler.stop_trace()
-            self._on = False
+        """Stop the trace (if running) and write ``workdir/profile.json``."""
+        if not self._on:
+            return
+        self._end_step()
+        jax.profiler.stop_trace()
+        self._on = False
+        new = sorted(self._runs() - self._runs_before)
+        folder = os.path.join(self._workdir, "plugins", "profile", new[-1]) if new else ""
+        traces = sorted(f for f in os.listdir(folder) if f.endswith(".trace.json.gz")) \
+            if folder else []
+        if len(traces) != 1:
+            raise RuntimeError(f"jax.profiler.stop_trace wrote {len(traces)} *.trace.json.gz in "
+                               f"{folder or self._workdir + '/plugins/profile'} (expected 1): "
+                               "the trace of profile_steps cannot be analysed")
+        manifest = {
+            "trace": os.path.relpath(os.path.join(folder, traces[0]), self._workdir),
+            "steps": list(self._window),  # type: ignore[arg-type]
+            "platform": jax.local_devices()[0].platform,
+            "devices": jax.local_device_count(),
+            "annotation": self.ANNOTATION,
+        }
+        path = os.path.join(self._workdir, self.MANIFEST)
+        with open(path + ".tmp", "w") as f:
+            json.dump(manifest, f)
+        os.replace(path + ".tmp", path)
