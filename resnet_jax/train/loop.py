@@ -16,6 +16,7 @@ keep dying) saves the last completed step before it is raised.
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import time
 from collections.abc import Callable
@@ -113,10 +114,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     # The state is born on the mesh (jit with replicated out_shardings), or restored straight
     # into those shardings: never built on one device and copied.
-    fresh = ckpt.latest_step is None
-    state, start_step, base_rng = ckpt.restore(train_fn.abstract(init, init_rng), base_rng)
-    if fresh:
-        state = train_fn.init(init, init_rng)
+    if ckpt.latest_step is None:
+        state, start_step, base_rng = ckpt.restore(train_fn.init(init, init_rng), base_rng)
+    else:  # shapes and shardings only: nothing is initialised that the checkpoint replaces
+        state, start_step, base_rng = ckpt.restore(train_fn.abstract(init, init_rng), base_rng)
     host_rng = jax.device_put(base_rng, cpu)
     step_key = jax.jit(jax.random.fold_in, out_shardings=cpu)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -136,7 +137,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         process_count=jax.process_count(), seed=config.seed, start_step=start_step,
     )
     # Sharded on the mesh (and gathered there with data.on_device) device_prefetch steps ahead.
-    batches = train_fn.prefetch(stream, int(config.get("device_prefetch", 2)), gather)
+    batches = train_fn.prefetch(itertools.islice(stream, total_steps - start_step),
+                                int(config.get("device_prefetch", 2)), gather)
     pending: list[Any] = []
     last: dict[str, float] = {}
     t_mark, step_mark = time.perf_counter(), start_step
