@@ -22,13 +22,14 @@ def load_config(family, arch):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family,arch,protocol", [
-    ("cifar10", "resnet20", "center"),
-    ("imagenet", "resnet18", "center"),
-    ("imagenet", "resnet18", "ten_crop"),
-    ("imagenet", "resnet18", "multi_scale"),
+@pytest.mark.parametrize("family,arch,protocols", [
+    ("cifar10", "resnet20", ("center",)),
+    # one training step, then its checkpoint under each test protocol of Tables 2-4 (--mode eval)
+    ("imagenet", "resnet18", ("center", "ten_crop", "multi_scale")),
 ])
-def test_train_and_eval_step_on_mock_data(tmp_path, family, arch, protocol):
+def test_train_and_eval_step_on_mock_data(tmp_path, family, arch, protocols):
+    from resnet_jax.train.evaluate import evaluate_checkpoint
+
     c = load_config(family, arch)
     c.model_kwargs.width = 4
     c.batch_size, c.eval_batch_size = 4, 4
@@ -36,13 +37,18 @@ def test_train_and_eval_step_on_mock_data(tmp_path, family, arch, protocol):
     c.log_every_steps = c.eval_every_steps = c.checkpoint_every_steps = 1
     c.lr_boundaries_unit, c.lr_boundaries = "steps", (1, 2)
     c.data.data_dir = str(tmp_path / "tfds")
-    c.data.eval_protocol = protocol
+    c.data.eval_protocol = protocols[0]
     if family == "imagenet":  # the §3.4 recipe at toy sizes
         c.data.update(dict(image_size=32, eval_resize=36, scale_range=(32, 40),
                            multi_scale_sizes=(32, 48)))
     with tfds.testing.mock_data(num_examples=6):
         out = loop.train_and_evaluate(c, str(tmp_path / "run"))
-    assert math.isfinite(out["train_loss"]) and math.isfinite(out["test_loss"])
-    assert 0.0 <= out["test_error"] <= 1.0
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
-    assert any("test_error" in row for row in rows)
+        assert math.isfinite(out["train_loss"]) and math.isfinite(out["test_loss"])
+        assert 0.0 <= out["test_error"] <= 1.0
+        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+        assert any("test_error" in row for row in rows)
+        for protocol in protocols[1:]:
+            c.data.eval_protocol = protocol
+            other = evaluate_checkpoint(c, str(tmp_path / "run"))
+            assert other["step"] == 1 and math.isfinite(other["test_loss"]), protocol
+            assert 0.0 <= other["test_error"] <= 1.0, protocol

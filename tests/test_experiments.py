@@ -183,16 +183,6 @@ def test_depth_then_responses_commands(tmp_path: Path) -> None:
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("complete (2 steps), skipped") == 2
 
-    alone = tmp_path / "alone"  # one net after another in one process: the lanes' numbers
-    run = _cli(*[a.replace(str(work), str(alone)) for a in args], "--train_only", cwd=tmp_path)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert not (alone / "fig6.png").exists() and not (alone / "study.json").exists()
-    for net in ("cifar_plain", "cifar_resnet"):
-        lanes, one = (metrics_lib.read_jsonl(str(d / net / "metrics.jsonl")) for d in (work, alone))
-        for key in ("step", "train_loss", "train_error", "test_error"):
-            mine = [r[key] for r in lanes if key in r]
-            assert mine and mine == pytest.approx([r[key] for r in one if key in r], rel=1e-5)
-
     run = _cli("responses", f"--workdir={work}", cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert (work / "fig7.png").read_bytes()[:4] == b"\x89PNG"

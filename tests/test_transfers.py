@@ -1,7 +1,8 @@
 """No implicit transfers: the digits run under ``JAX_TRANSFER_GUARD=disallow`` on 2 CPU devices
 trains, evaluates, saves, resumes after kill -9 bit-identically and evaluates again with
-``--mode eval``, under jit and under pmap; the loop syncs with the device once per logging
-window and nowhere else.
+``--mode eval``, under jit and under pmap (with the images on the devices), and computes what
+one device does (synced BN); the loop syncs with the device once per logging window and
+nowhere else.
 
 The guarded runs are subprocesses (this file doubles as the worker script): the device count
 and the guard are fixed before JAX starts. Tiny net (CIFAR ResNet-8, width 4) on digits.
@@ -24,6 +25,10 @@ import pytest
 from helpers import override
 
 STEPS = 8
+# pmap also keeps the training images on the devices (data.on_device: each step's batch is
+# gathered there from placed indices)
+OVERRIDES = {"jit": {"parallel": "jit", "cpu_devices": 2},
+             "pmap": {"parallel": "pmap", "cpu_devices": 2, "data.on_device": True}}
 
 
 def tiny_config(**overrides: Any) -> Any:
@@ -103,7 +108,7 @@ def _worker(root: Path, mode: str) -> None:
     from resnet_jax.train.evaluate import evaluate_checkpoint
     from resnet_jax.train.loop import train_and_evaluate
 
-    config = tiny_config(parallel=mode, cpu_devices=2)
+    config = tiny_config(**OVERRIDES[mode])
     reference = train_and_evaluate(config, str(root / "reference"))
     assert jax.device_count() == 2
 
@@ -155,7 +160,7 @@ def _child(root: Path, mode: str) -> None:
                 time.sleep(0.05)
 
     _hook_train_stream(block)
-    train_and_evaluate(tiny_config(parallel=mode, cpu_devices=2), str(workdir))
+    train_and_evaluate(tiny_config(**OVERRIDES[mode]), str(workdir))
 
 
 @pytest.mark.parametrize("mode", ["jit", "pmap"])
@@ -173,6 +178,15 @@ def test_guarded_run_trains_evaluates_saves_and_resumes_after_kill9(
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert 2 <= result["resumed_from"] < STEPS
+    if mode == "jit":  # cpu_devices=2 splits the host and keeps the math: one device here
+        import jax
+
+        from resnet_jax.train.loop import train_and_evaluate
+
+        with jax.transfer_guard("disallow"):
+            one = train_and_evaluate(tiny_config(), str(tmp_path / "one_device"))
+        for key in ("train_loss", "train_error", "test_loss", "test_error"):
+            assert one[key] == pytest.approx(result["reference"][key], rel=1e-4), key
 
 
 def test_the_loop_syncs_once_per_logging_window(monkeypatch: pytest.MonkeyPatch,
