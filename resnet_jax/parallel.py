@@ -220,7 +220,6 @@ class ParallelStep:
         self._fn = fn
         self.mode = mode
         self.placement = placement
-        self.mesh = placement.mesh
         self.replicate = placement.replicate
         self.shard = placement.shard
         self.fetch = placement.fetch
@@ -253,15 +252,20 @@ class ParallelStep:
         return prefetch(batches, put, size)
 
 
+def check_prefetch(size: Any) -> None:
+    """A one-line ConfigError unless ``size`` (``config.device_prefetch``) is an int >= 0."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise ConfigError(f"device_prefetch={size!r} must be an int >= 0 (batches placed on "
+                          "the devices ahead of the step), e.g. --config.device_prefetch=2")
+
+
 def prefetch(batches: Iterable[Any], put: Callable[[Any], Any],
              size: int) -> Generator[Any, None, None]:
     """``put(batch)`` for each batch, ``size`` batches ahead of the consumer: the copies of the
     next batches (asynchronous ``device_put``) overlap the step that runs now. ``size=0``
     places each batch when it is asked for. An error while fetching or placing a batch is
     raised when the consumer reaches that batch, so every batch before it is still used."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise ConfigError(f"device_prefetch={size!r} must be an int >= 0 (batches placed on "
-                          "the devices ahead of the step), e.g. --config.device_prefetch=2")
+    check_prefetch(size)
     source = iter(batches)
     ready: collections.deque[Any] = collections.deque()
     failure: list[BaseException] = []

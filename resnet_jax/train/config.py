@@ -329,10 +329,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                   "checkpoint_every_steps", "keep_checkpoints", "learning_rate"):
         _positive(config, field)
     optim.check_run_length(config)
-    prefetch = config.get("device_prefetch", 2)
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-        raise ConfigError(f"device_prefetch={prefetch!r} must be an int >= 0 (batches placed "
-                          "on the devices ahead of the step), e.g. --config.device_prefetch=2")
+    parallel.check_prefetch(config.get("device_prefetch", 2))
     if config.cpu_devices < 0:
         raise ConfigError(f"cpu_devices={config.cpu_devices} must be >= 0 (0: JAX's default; "
                           "N: one CPU device per core, e.g. --config.cpu_devices=2).")
