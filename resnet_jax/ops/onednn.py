@@ -6,7 +6,8 @@ forward, input gradient, weight gradient) against the oneDNN of the ``[onednn]``
 FFI headers of the running jaxlib, registers them for the CPU platform as the CPU lowering of
 :mod:`resnet_jax.ops.conv`'s primitives with ``impl="onednn"`` (so jvp, grad, vmap and their
 compositions all run these kernels), and exposes :func:`conv_general_dilated`, a drop-in for
-``lax.conv_general_dilated`` that ``flax.linen.Conv(conv_general_dilated=...)`` takes::
+``lax.conv_general_dilated`` that ``flax.linen.Conv(conv_general_dilated=...)`` takes. The same
+library holds ``bn_kernels.cc``'s fused batch-norm kernels (:mod:`resnet_jax.ops.fused_bn`)::
 
     pip install -e ".[onednn]" && python -m resnet_jax.ops.onednn build
 
@@ -52,9 +53,14 @@ from resnet_jax.errors import ConfigError, ExtensionUnavailable
 from resnet_jax.ops import conv as conv_ops
 
 SOURCE = Path(__file__).with_name("onednn.cc")
+BN_SOURCE = Path(__file__).with_name("bn_kernels.cc")  # fused batch norm (ops/fused_bn.py)
+SOURCES = (SOURCE, BN_SOURCE)  # one library
 EXTRA = 'pip install -e ".[onednn]"'  # the README's command for the optional extra
 _DN = ("NHWC", "HWIO", "NHWC")
 _TARGETS = ("conv_fwd", "conv_bwd_data", "conv_bwd_weights")
+# bn_kernels.cc's handlers, registered as resnet_jax_<name> (see resnet_jax.ops.fused_bn)
+BN_TARGETS = ("bn_stats", "bn_apply", "bn_apply_add", "bn_bwd_stats", "bn_bwd_apply",
+              "bn_bwd_apply_masked")
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 
@@ -91,14 +97,16 @@ def cache_dir() -> Path:
 
 
 def build(verbose: bool = False) -> Path:
-    """Compile ``onednn.cc`` (once per source/jaxlib/oneDNN/compiler) and return the library."""
+    """Compile ``onednn.cc`` and ``bn_kernels.cc`` into one library (once per
+    sources/jaxlib/oneDNN/compiler) and return it."""
     include, libdir, ffi_include, cxx = _toolchain()
-    cmd = [cxx, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
-           "-isystem", str(ffi_include), "-isystem", str(include), str(SOURCE),
+    cmd = [cxx, "-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+           "-isystem", str(ffi_include), "-isystem", str(include), *map(str, SOURCES),
            "-L", str(libdir), "-l:libdnnl.so.3", f"-Wl,-rpath,{libdir}"]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([
-        SOURCE.read_text(), jax.__version__, importlib.metadata.version("jaxlib"),
+        *(source.read_text() for source in SOURCES), jax.__version__,
+        importlib.metadata.version("jaxlib"),
         importlib.metadata.version("onednn-cpu-gomp"), str(libdir), version, *cmd,
     ]).encode()).hexdigest()[:16]
     out_dir = cache_dir()
@@ -133,11 +141,12 @@ def load() -> ctypes.CDLL:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before libgomp starts
     path = build()
     lib = ctypes.CDLL(str(path))
-    for name in _TARGETS:
-        symbol = f"resnet_jax_onednn_{name}"
+    symbols = [f"resnet_jax_onednn_{name}" for name in _TARGETS]
+    for symbol in [*symbols, *(f"resnet_jax_{name}" for name in BN_TARGETS)]:
         jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform="cpu")
     lib.resnet_jax_onednn_describe.restype = ctypes.c_char_p
+    lib.resnet_jax_bn_isa.restype = ctypes.c_char_p
     return lib
 
 
@@ -151,8 +160,11 @@ def available() -> bool:
 
 
 def describe() -> str:
-    """'oneDNN 3.2.0 (OpenMP), avx512_core_bf16': the library version and the ISA it runs."""
-    return load().resnet_jax_onednn_describe().decode()
+    """'oneDNN 3.2.0 (OpenMP), avx512_core_bf16; bn kernels avx512': the library version and
+    the ISA its convolutions and its batch-norm kernels run."""
+    lib = load()
+    return (f"{lib.resnet_jax_onednn_describe().decode()}; "
+            f"bn kernels {lib.resnet_jax_bn_isa().decode()}")
 
 
 THREADING = ("pool", "openmp")
