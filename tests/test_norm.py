@@ -94,8 +94,8 @@ def test_resnet_train_step_matches_flax_norm(monkeypatch):
 
     ours = jax.value_and_grad(loss, has_aux=True)(v["params"])
 
-    def flax_bn(batch_groups: int = 1, **kw):
-        assert batch_groups == 1
+    def flax_bn(batch_groups: int = 1, impl: str = "xla", **kw):
+        assert batch_groups == 1 and impl == "xla"
         return nn.BatchNorm(**kw)
 
     monkeypatch.setattr(resnet_mod, "fast_norm", SimpleNamespace(BatchNorm=flax_bn))

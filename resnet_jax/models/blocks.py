@@ -15,6 +15,7 @@ fields. ``shortcut`` selects the paper's variants:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from resnet_jax.errors import ConfigError
+from resnet_jax.ops.norm import norm_act
 
 ModuleDef = Any
 Array = Any
@@ -79,21 +81,22 @@ class Shortcut(nn.Module):
         return x
 
 
-def _merge(block: nn.Module, residual: Array, x: Array) -> Array:
-    """ReLU(F(x) + shortcut(x)), or ReLU(F(x)) for the plain network (§3.2: ReLU after the add)."""
+def _merge(block: nn.Module, y: Array, x: Array, name: str) -> Array:
+    """ReLU(BN(y) + shortcut(x)), or ReLU(BN(y)) for the plain network (§3.2: ReLU after the
+    add), with the branch's last BN ``name``: one op where the norm fuses them (ops/norm.py)."""
     check_shortcut(block.shortcut)
-    if block.shortcut == "none":
-        return block.act(residual)
-    sc = Shortcut(
-        residual.shape[-1], block.strides, block.shortcut, block.conv, block.norm, name="shortcut"
-    )(x)
-    return block.act(residual + sc.astype(residual.dtype))
+    sc = None
+    if block.shortcut != "none":
+        sc = Shortcut(
+            y.shape[-1], block.strides, block.shortcut, block.conv, block.norm, name="shortcut"
+        )(x)
+    return norm_act(_last_norm(block), block.act, y, name=name, residual=sc)
 
 
 def _last_norm(block: nn.Module) -> Callable[..., nn.Module]:
     """The branch's last BN; scale starts at zero with ``zero_init_last_bn`` (not in the paper)."""
     if block.zero_init_last_bn:
-        return lambda **kw: block.norm(scale_init=nn.initializers.zeros, **kw)
+        return functools.partial(block.norm, scale_init=nn.initializers.zeros)
     return block.norm
 
 
@@ -114,10 +117,9 @@ class BasicBlock(nn.Module):
     def __call__(self, x: Array) -> Array:
         s = (self.strides, self.strides)
         y = self.conv(self.features, (3, 3), s, padding=pad_for(3), name="conv1")(x)
-        y = self.act(self.norm(name="bn1")(y))
+        y = norm_act(self.norm, self.act, y, name="bn1")
         y = self.conv(self.features, (3, 3), padding=pad_for(3), name="conv2")(y)
-        y = _last_norm(self)(name="bn2")(y)
-        return _merge(self, y, x)
+        return _merge(self, y, x, "bn2")
 
 
 class BottleneckBlock(nn.Module):
@@ -146,9 +148,8 @@ class BottleneckBlock(nn.Module):
         s = (self.strides, self.strides)
         s1, s3 = (s, (1, 1)) if self.stride_in == "1x1" else ((1, 1), s)
         y = self.conv(self.features, (1, 1), s1, name="conv1")(x)
-        y = self.act(self.norm(name="bn1")(y))
+        y = norm_act(self.norm, self.act, y, name="bn1")
         y = self.conv(self.features, (3, 3), s3, padding=pad_for(3), name="conv2")(y)
-        y = self.act(self.norm(name="bn2")(y))
+        y = norm_act(self.norm, self.act, y, name="bn2")
         y = self.conv(self.features * self.expansion, (1, 1), name="conv3")(y)
-        y = _last_norm(self)(name="bn3")(y)
-        return _merge(self, y, x)
+        return _merge(self, y, x, "bn3")

@@ -47,6 +47,7 @@ from resnet_jax.models.conv import conv_function
 from resnet_jax.models.conv import conv_general_dilated as canonical_grad_conv
 from resnet_jax.ops import norm as fast_norm
 from resnet_jax.ops import pool as fast_pool
+from resnet_jax.ops.norm import norm_act
 
 Array = Any
 
@@ -83,9 +84,9 @@ class Stem(nn.Module):
     def __call__(self, x: Array) -> Array:
         if self.kind == "cifar":
             x = self.conv(self.features, (3, 3), padding=pad_for(3), name="conv")(x)
-            return self.act(self.norm(name="bn")(x))
+            return norm_act(self.norm, self.act, x, name="bn")
         x = self.conv(self.features, (7, 7), (2, 2), padding=pad_for(7), name="conv")(x)
-        x = self.act(self.norm(name="bn")(x))
+        x = norm_act(self.norm, self.act, x, name="bn")
         return self.pool(x, (3, 3), strides=(2, 2), padding=pad_for(3))
 
 
@@ -225,6 +226,7 @@ class ResNet(nn.Module):
             param_dtype=self.param_dtype,
             axis_name=bn_axis_name,
             batch_groups=bn_groups,
+            impl=self.conv_impl,  # "onednn": BN's reductions on the fused kernels too
         )
         block = functools.partial(
             self.block_cls,
