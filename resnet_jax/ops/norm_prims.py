@@ -46,10 +46,11 @@ Array = Any
 stats_p = Primitive("resnet_jax_bn_stats")
 grad_stats_p = Primitive("resnet_jax_bn_grad_stats")
 tangent_p = Primitive("resnet_jax_bn_tangent")
+apply_p = Primitive("resnet_jax_bn_apply")
 
 # The reductions' CPU kernels (``impl="onednn"``) partition themselves over a mesh
 # (custom_partitioning), as the conv kernels do: lowered with their devices known.
-_dispatch.prim_requires_devices_during_lowering.update((stats_p, grad_stats_p))
+_dispatch.prim_requires_devices_during_lowering.update((stats_p, grad_stats_p, apply_p))
 
 
 def _axes(x: Array) -> tuple[int, ...]:
@@ -91,7 +92,15 @@ def _tangent_ref(*args, relu, has_residual, impl):
     return _masked(dz, y, relu)
 
 
-_REFS = {stats_p: _stats_ref, grad_stats_p: _grad_stats_ref, tangent_p: _tangent_ref}
+def _apply_ref(x, coef, *residual, relu, impl):
+    y = (x - coef[0]) * coef[1] + coef[2]
+    if residual:
+        y = y + residual[0].astype(y.dtype)
+    return jnp.maximum(y, 0) if relu else y
+
+
+_REFS = {stats_p: _stats_ref, grad_stats_p: _grad_stats_ref, tangent_p: _tangent_ref,
+         apply_p: _apply_ref}
 
 
 # ---- shapes -------------------------------------------------------------------------------------
@@ -109,6 +118,7 @@ def _tangent_shape(*args, relu, has_residual, impl):
 stats_p.def_abstract_eval(_per_channel_shape)
 grad_stats_p.def_abstract_eval(_per_channel_shape)
 tangent_p.def_abstract_eval(_tangent_shape)
+apply_p.def_abstract_eval(lambda x, *rest, **params: ShapedArray(x.shape, x.dtype))
 
 
 # ---- JVPs: the references' (lax), primal outputs from the primitive itself -----------------------
@@ -125,7 +135,7 @@ def _jvp(prim):
     return rule
 
 
-for _p in (stats_p, grad_stats_p, tangent_p):
+for _p in _REFS:
     ad.primitive_jvps[_p] = _jvp(_p)
 
 
@@ -179,7 +189,7 @@ def _batcher(prim):
     return rule
 
 
-for _p in (stats_p, grad_stats_p, tangent_p):
+for _p in _REFS:
     batching.primitive_batchers[_p] = _batcher(_p)
 
 
@@ -202,16 +212,22 @@ def _cpu_grad_stats(g, y, x, mean, inv_std, *, relu, impl):
                                     relu)
 
 
+def _cpu_apply(x, coef, *residual, relu, impl):
+    return _kernels(impl).apply(x, coef, residual[0] if residual else None, relu)
+
+
 @functools.cache
 def _eager(prim, items: tuple) -> Callable:
     return jax.jit(functools.partial(prim.bind, **dict(items)))
 
 
-for _p in (stats_p, grad_stats_p, tangent_p):
+for _p in _REFS:
     _p.def_impl(functools.partial(
         lambda prim, *args, **params: _eager(prim, tuple(sorted(params.items())))(*args), _p))
     mlir.register_lowering(_p, mlir.lower_fun(_REFS[_p], multiple_results=False))
 mlir.register_lowering(stats_p, mlir.lower_fun(_cpu_stats, multiple_results=False),
+                       platform="cpu")
+mlir.register_lowering(apply_p, mlir.lower_fun(_cpu_apply, multiple_results=False),
                        platform="cpu")
 mlir.register_lowering(grad_stats_p, mlir.lower_fun(_cpu_grad_stats, multiple_results=False),
                        platform="cpu")
@@ -231,11 +247,10 @@ def _primal(x, scale, bias, residual, epsilon, axis_name, axis_index_groups, rel
     raw_var = s[1] - lax.square(mean)  # flax's fast variance, clipped below
     var = jnp.maximum(0.0, raw_var)
     inv_std = lax.rsqrt(var + epsilon)
-    y = (x - mean) * (inv_std * scale) + bias
-    if residual is not None:
-        y = y + residual.astype(y.dtype)
-    if relu:
-        y = jnp.maximum(y, 0)
+    # One opaque pass: as XLA's fusion, y was recomputed from x inside later fusions (the
+    # backward's ReLU masks re-derived a whole residual chain of outputs in one loop).
+    coef = jnp.stack([mean, inv_std * scale, bias])
+    y = apply_p.bind(x, coef, *(() if residual is None else (residual,)), relu=relu, impl=impl)
     return y, mean, var, raw_var, inv_std
 
 
