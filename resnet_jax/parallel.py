@@ -77,7 +77,10 @@ def keep_freed_memory() -> bool:
     faults again on its first touch each step (~79,000 faults, ~120 ms of system time in a
     ~250-350 ms step on this project's 2-core VM). One arena, no mmap for large blocks and no
     trimming make the step reuse its memory: 0 faults, 1.2x (XLA convolutions) and 1.4x
-    (oneDNN's) faster (benchmarks/RESULTS.md). The cost: the process keeps its peak memory.
+    (oneDNN's) faster (benchmarks/RESULTS.md). Trimming is off altogether (threshold -1, glibc's
+    "never"): the largest threshold mallopt takes, 2 GiB, was below ResNet-50 b32's 2.7 GB of
+    temporaries, which then faulted in afresh every step (690,000 faults, 6-10 s of system time
+    a step). The cost: the process keeps its peak memory.
     Only takes effect before JAX starts its CPU client (the loop calls it first); returns
     whether glibc accepted the settings (False off Linux/glibc, changing nothing).
     """
@@ -89,7 +92,7 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return bool(mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0)
-                and mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+                and mallopt(_M_TRIM_THRESHOLD, -1))
 
 
 def initialize_distributed(config: ml_collections.ConfigDict) -> bool:

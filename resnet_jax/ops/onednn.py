@@ -2,18 +2,18 @@
 
 jaxlib runs CPU convolutions through its own kernels, at 0.1-0.9x of oneDNN (PyTorch's CPU
 library) per op (benchmarks/RESULTS.md). This module compiles ``onednn.cc`` (three FFI handlers:
-forward, input gradient, weight gradient) against the oneDNN of the ``[onednn]`` extra and the
+forward, input gradient, weight gradient) against the oneDNN wheel (a dependency on x86-64 Linux) and the
 FFI headers of the running jaxlib, registers them for the CPU platform as the CPU lowering of
 :mod:`resnet_jax.ops.conv`'s primitives with ``impl="onednn"`` (so jvp, grad, vmap and their
 compositions all run these kernels), and exposes :func:`conv_general_dilated`, a drop-in for
 ``lax.conv_general_dilated`` that ``flax.linen.Conv(conv_general_dilated=...)`` takes. The same
 library holds ``bn_kernels.cc``'s fused batch-norm kernels (:mod:`resnet_jax.ops.fused_bn`)::
 
-    pip install -e ".[onednn]" && python -m resnet_jax.ops.onednn build
+    pip install -e . && python -m resnet_jax.ops.onednn build   # build: optional, ahead of time
 
 The library is built once per (source, jaxlib, oneDNN, compiler) into a cache directory
-(``$RESNET_JAX_CACHE`` or ``~/.cache/resnet_jax``), a few seconds with g++; ``build`` does it
-ahead of time, and the first use does it otherwise. On GPU/TPU the same primitives lower to
+(``$RESNET_JAX_CACHE`` or ``~/.cache/resnet_jax``), ~30 s with g++ on 2 cores; the first use
+(train.py's default ``conv="auto"``) does it, ``build`` does it ahead of time. On GPU/TPU the same primitives lower to
 XLA's convolution and its transposes, so a config that says "onednn" still runs there.
 
 Threads (``RESNET_JAX_ONEDNN_THREADING``): "pool" (default) splits each call's batch into
@@ -55,7 +55,7 @@ from resnet_jax.ops import conv as conv_ops
 SOURCE = Path(__file__).with_name("onednn.cc")
 BN_SOURCE = Path(__file__).with_name("bn_kernels.cc")  # fused batch norm (ops/fused_bn.py)
 SOURCES = (SOURCE, BN_SOURCE)  # one library
-EXTRA = 'pip install -e ".[onednn]"'  # the README's command for the optional extra
+EXTRA = "pip install -e ."  # oneDNN is a dependency of resnet_jax on x86-64 Linux
 _DN = ("NHWC", "HWIO", "NHWC")
 _TARGETS = ("conv_fwd", "conv_bwd_data", "conv_bwd_weights")
 # bn_kernels.cc's handlers, registered as resnet_jax_<name> (see resnet_jax.ops.fused_bn)
@@ -69,7 +69,8 @@ def _dist_file(dist: str, suffix: str) -> Path:
         files = importlib.metadata.files(dist) or []
     except importlib.metadata.PackageNotFoundError:
         raise ExtensionUnavailable(
-            f"conv='onednn' needs the oneDNN extra ({dist} is not installed): run {EXTRA}"
+            f"conv='onednn' needs oneDNN ({dist} is not installed; resnet_jax installs it on "
+            f"x86-64 Linux): run {EXTRA}"
         ) from None
     for f in files:
         if str(f).endswith(suffix):
