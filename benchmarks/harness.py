@@ -36,6 +36,7 @@ from resnet_jax.parallel import keep_freed_memory
 
 BASELINES = ("plain", "torch", "xla")
 CONV_IMPLS = ("xla", "onednn")
+CONV_CHOICES = ("auto", *CONV_IMPLS)  # auto: resnet_jax's default (oneDNN on CPU where it builds)
 # OpenMP's wait policy as this process was started, before resnet_jax.ops.onednn defaults it to
 # PASSIVE: the torch worker gets this one (see Worker).
 OMP_WAIT_POLICY_AT_START = os.environ.get("OMP_WAIT_POLICY")
@@ -62,9 +63,10 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
                         help="bottleneck stride placement (3x3 = v1.5, torchvision)")
     parser.add_argument("--override", action="append", default=[], metavar="FIELD=VALUE",
                         help="model override for resnet_jax (e.g. scan_blocks=False), repeatable")
-    parser.add_argument("--conv", default="xla", choices=CONV_IMPLS,
+    parser.add_argument("--conv", default="auto", choices=CONV_CHOICES,
                         help="resnet_jax's convolution: the model's conv_impl (xla = "
-                             "jax.lax.conv_general_dilated; onednn = resnet_jax.ops.onednn)")
+                             "jax.lax.conv_general_dilated; onednn = resnet_jax.ops.onednn; "
+                             "auto, the default: train.py's, oneDNN on a CPU where it builds)")
     parser.add_argument("--warmup", type=int, default=2,
                         help="untimed steps of each program after its compiling first call")
     parser.add_argument("--blocks", type=int, default=5,

@@ -4,6 +4,8 @@
     python benchmarks/train_step.py --arch resnet50 --stride-in 3x3 --batch 32 --dtype bfloat16
     python benchmarks/train_step.py --conv onednn --baseline xla --baseline torch
 
+``--conv`` defaults to "auto", train.py's default (oneDNN on a CPU where it builds).
+
 Every program (resnet_jax's step, then each ``--baseline``) is built and compiled first, then
 timed in ``--blocks`` blocks of ``--steps`` steps each, the programs taking turns within a block
 (the first one rotating), so the speed drift of a shared machine moves all of them alike. Prints
@@ -34,6 +36,8 @@ def build(args: argparse.Namespace) -> models.ResNet:
         overrides["width"] = args.width
     if args.stride_in:
         overrides["stride_in"] = args.stride_in
+    if getattr(args, "conv", "xla") == "auto":
+        args.conv = models.resolve_conv_impl("auto")  # after set_cpu_devices: starts JAX
     if getattr(args, "conv", "xla") != "xla":
         overrides["conv_impl"] = args.conv
     for item in args.override:

@@ -65,9 +65,16 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
     return {k: v for k, v in config.model_kwargs.to_dict().items() if v is not None}
 
 
-def conv_override(config: ml_collections.ConfigDict) -> dict[str, str]:
-    """``{"conv_impl": config.conv}`` unless it is the default "xla" (older configs lack it)."""
+def conv_override(config: ml_collections.ConfigDict, resolve: bool = True) -> dict[str, str]:
+    """``{"conv_impl": config.conv}`` unless that is "xla" (older configs lack the field).
+
+    "auto" (the default) is resolved (``models.resolve_conv_impl``: oneDNN on a CPU where it
+    builds), which starts JAX's backend; ``resolve=False`` (validation, before the devices are
+    set) checks the structure with XLA's instead: both build the same module.
+    """
     conv = config.get("conv", "xla")
+    if conv == "auto":
+        conv = models.resolve_conv_impl(conv) if resolve else "xla"
     return {} if conv == "xla" else {"conv_impl": conv}
 
 
@@ -173,8 +180,9 @@ def default_config() -> ml_collections.ConfigDict:
     #   "float16" adds dynamic loss scaling (GPUs without fast bfloat16)
     c.keep_freed_memory = True  # glibc keeps freed memory for reuse: XLA:CPU's per-step
     #   buffers stop page-faulting (1.2-1.4x on CPU; parallel.keep_freed_memory)
-    c.conv = "xla"  # "xla" | "onednn": oneDNN convolutions on CPU (the [onednn] extra; GPU/TPU
-    #   keep XLA's). How the step runs, not what it computes: may change on resume.
+    c.conv = "auto"  # "auto" | "xla" | "onednn": oneDNN convolutions and fused BN kernels on
+    #   CPU; "auto" picks them on a CPU backend where they build (one line says so where they
+    #   cannot), XLA's elsewhere. How the step runs, not what it computes: may change on resume.
 
     # §3.4 / §4.2: SGD, momentum 0.9, weight decay 1e-4, lr 0.1 /10 at 32k and 48k.
     c.learning_rate = 0.1
@@ -314,8 +322,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     fail before any data is read; the dataset name by ``data.info``, batch divisibility by
     ``parallel.check_batch_size`` once the devices are known.
     """
-    _one_of(config, "conv", models.CONV_IMPLS)
-    models.create(config.model, **conv_override(config), **model_overrides(config))
+    _one_of(config, "conv", models.CONV_CHOICES)
+    models.create(config.model, **conv_override(config, resolve=False), **model_overrides(config))
 
     _one_of(config, "parallel", parallel.MODES)
     _one_of(config, "dtype", DTYPES)
