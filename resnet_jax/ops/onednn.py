@@ -2,19 +2,21 @@
 
 jaxlib runs CPU convolutions through its own kernels, at 0.1-0.9x of oneDNN (PyTorch's CPU
 library) per op (benchmarks/RESULTS.md). This module compiles ``onednn.cc`` (three FFI handlers:
-forward, input gradient, weight gradient) against the oneDNN wheel (a dependency on x86-64 Linux) and the
-FFI headers of the running jaxlib, registers them for the CPU platform as the CPU lowering of
-:mod:`resnet_jax.ops.conv`'s primitives with ``impl="onednn"`` (so jvp, grad, vmap and their
-compositions all run these kernels), and exposes :func:`conv_general_dilated`, a drop-in for
-``lax.conv_general_dilated`` that ``flax.linen.Conv(conv_general_dilated=...)`` takes. The same
-library holds ``bn_kernels.cc``'s fused batch-norm kernels (:mod:`resnet_jax.ops.fused_bn`)::
+forward, input gradient, weight gradient) against the oneDNN wheel (a dependency on x86-64
+Linux) and the FFI headers of the running jaxlib, registers them for the CPU platform as the
+CPU lowering of :mod:`resnet_jax.ops.conv`'s primitives with ``impl="onednn"`` (so jvp, grad,
+vmap and their compositions all run these kernels), and exposes :func:`conv_general_dilated`,
+a drop-in for ``lax.conv_general_dilated`` that ``flax.linen.Conv(conv_general_dilated=...)``
+takes. The same library holds ``bn_kernels.cc``'s fused batch-norm kernels
+(:mod:`resnet_jax.ops.fused_bn`)::
 
     pip install -e . && python -m resnet_jax.ops.onednn build   # build: optional, ahead of time
 
 The library is built once per (source, jaxlib, oneDNN, compiler) into a cache directory
 (``$RESNET_JAX_CACHE`` or ``~/.cache/resnet_jax``), ~30 s with g++ on 2 cores; the first use
-(train.py's default ``conv="auto"``) does it, ``build`` does it ahead of time. On GPU/TPU the same primitives lower to
-XLA's convolution and its transposes, so a config that says "onednn" still runs there.
+(train.py's default ``conv="auto"``) does it, ``build`` does it ahead of time. On GPU/TPU the
+same primitives lower to XLA's convolution and its transposes, so a config that says "onednn"
+still runs there.
 
 Threads (``RESNET_JAX_ONEDNN_THREADING``): "pool" (default) splits each call's batch into
 single-threaded oneDNN slices run on XLA's own intra-op thread pool (the FFI thread-pool
