@@ -27,6 +27,7 @@ import numpy as np
 
 from resnet_jax import models, parallel
 from resnet_jax.summary import parse_override, summarize
+from resnet_jax.train.config import resolve_conv
 
 
 def build(args: argparse.Namespace) -> models.ResNet:
@@ -37,7 +38,7 @@ def build(args: argparse.Namespace) -> models.ResNet:
     if args.stride_in:
         overrides["stride_in"] = args.stride_in
     if getattr(args, "conv", "xla") == "auto":
-        args.conv = models.resolve_conv_impl("auto")  # after set_cpu_devices: starts JAX
+        args.conv = resolve_conv("auto")  # after set_cpu_devices: starts JAX
     if getattr(args, "conv", "xla") != "xla":
         overrides["conv_impl"] = args.conv
     for item in args.override:

@@ -19,9 +19,9 @@ import pytest
 from helpers import onednn_status
 
 from resnet_jax.errors import ConfigError, ExtensionUnavailable
-from resnet_jax.models import conv as model_conv
 from resnet_jax.ops import norm_prims
 from resnet_jax.ops.norm import BatchNorm, norm_act
+from resnet_jax.train import config as config_lib
 
 AVAILABLE, WHY = onednn_status()
 IMPLS = ["xla", pytest.param("onednn", marks=pytest.mark.skipif(
@@ -221,22 +221,22 @@ def test_synced_and_partitioned_on_two_devices():
 
 
 def test_conv_auto_resolves_to_the_cpu_fast_path(monkeypatch, capsys):
-    model_conv._cpu_auto.cache_clear()
-    assert model_conv.resolve_conv_impl("xla") == "xla"
-    assert model_conv.resolve_conv_impl("auto") == ("onednn" if AVAILABLE else "xla")
+    config_lib._cpu_auto.cache_clear()
+    assert config_lib.resolve_conv("xla") == "xla"
+    assert config_lib.resolve_conv("auto") == ("onednn" if AVAILABLE else "xla")
     with pytest.raises(ConfigError, match="not one of"):
-        model_conv.resolve_conv_impl("mkl")
+        config_lib.resolve_conv("mkl")
     from resnet_jax.ops import onednn
 
     def broken():
         raise ExtensionUnavailable("no C++ compiler 'g++'; install g++")
 
-    model_conv._cpu_auto.cache_clear()
+    config_lib._cpu_auto.cache_clear()
     monkeypatch.setattr(onednn, "load", broken)
     try:
-        assert model_conv.resolve_conv_impl("auto") == "xla"
+        assert config_lib.resolve_conv("auto") == "xla"
         err = capsys.readouterr().err.strip().splitlines()
         assert err == ["resnet_jax: conv=auto runs XLA's CPU kernels: no C++ compiler 'g++'; "
                        "install g++"]
     finally:
-        model_conv._cpu_auto.cache_clear()
+        config_lib._cpu_auto.cache_clear()

@@ -274,6 +274,7 @@ class _FlaxBatchNorm(nn.BatchNorm):
     """flax's BatchNorm taking the model's ``batch_groups`` field (1 here: no ghost groups)."""
 
     batch_groups: int = 1
+    impl: str = "xla"  # the model passes its conv_impl; flax's BatchNorm has one path
 
 
 def _primitives(jaxpr) -> set[str]:

@@ -30,7 +30,7 @@ from resnet_jax.models.blocks import (
     Shortcut,
     subsample_and_pad,
 )
-from resnet_jax.models.conv import CONV_CHOICES, CONV_IMPLS, resolve_conv_impl
+from resnet_jax.models.conv import CONV_CHOICES, CONV_IMPLS
 from resnet_jax.models.nnx import NNXNetwork, to_nnx
 from resnet_jax.models.resnet import (
     IMAGENET_STAGES,
@@ -62,7 +62,6 @@ __all__ = [
     "names",
     "register",
     "resolve",
-    "resolve_conv_impl",
     "subsample_and_pad",
     "to_nnx",
 ]

@@ -10,50 +10,21 @@ composes.
 
 from __future__ import annotations
 
-import functools
-import sys
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 from jax import lax
 
-from resnet_jax.errors import ConfigError, ExtensionUnavailable
+from resnet_jax.errors import ConfigError
 from resnet_jax.ops import conv as conv_ops
 
 _DN = ("NHWC", "HWIO", "NHWC")
 
 # Convolution implementations a model may select (``conv_impl``, the config's ``conv``).
 CONV_IMPLS = conv_ops.IMPLS
-# What a config may say (``conv``): an implementation, or "auto" (:func:`resolve_conv_impl`).
+# What a config may say (``conv``): an implementation, or "auto" (train.config.resolve_conv).
 CONV_CHOICES = ("auto", *CONV_IMPLS)
-
-
-def resolve_conv_impl(impl: str) -> str:
-    """``impl``, with "auto" made concrete: "onednn" (oneDNN convolutions and fused BN kernels,
-    the CPU fast path: 2.5-2.9x XLA's convolutions on every benchmarked net,
-    benchmarks/RESULTS.md) where JAX's default backend is the CPU and the extension builds and
-    loads; "xla" elsewhere (GPU/TPU) and, with one line on stderr saying why, on a CPU where it
-    cannot build. Starts JAX's backend: call it once the devices are set."""
-    if impl not in CONV_CHOICES:
-        raise ConfigError(f"conv={impl!r} is not one of {CONV_CHOICES}.")
-    if impl != "auto":
-        return impl
-    if jax.default_backend() != "cpu":
-        return "xla"
-    return _cpu_auto()
-
-
-@functools.cache
-def _cpu_auto() -> str:
-    from resnet_jax.ops import onednn
-
-    try:
-        onednn.load()
-    except ExtensionUnavailable as e:
-        print(f"resnet_jax: conv=auto runs XLA's CPU kernels: {e}", file=sys.stderr)
-        return "xla"
-    return "onednn"
 
 
 def conv_function(impl: str) -> Any | None:

@@ -3,16 +3,19 @@ builds, and which of its fields may change when a run resumes from a checkpoint.
 
 from __future__ import annotations
 
+import functools
 import json
+import sys
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
+import jax
 import ml_collections
 from ml_collections import config_dict
 
 from resnet_jax import data, models, parallel
-from resnet_jax.errors import CheckpointMismatch, ConfigError
+from resnet_jax.errors import CheckpointMismatch, ConfigError, ExtensionUnavailable
 from resnet_jax.train import optim
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -65,16 +68,43 @@ def model_overrides(config: ml_collections.ConfigDict) -> dict:
     return {k: v for k, v in config.model_kwargs.to_dict().items() if v is not None}
 
 
+def resolve_conv(conv: str) -> str:
+    """``conv``, with "auto" made concrete at this edge (never by the models): "onednn"
+    (oneDNN convolutions and fused BN kernels, the CPU fast path, benchmarks/RESULTS.md) where
+    JAX's default backend is the CPU and the extension builds and loads; "xla" elsewhere
+    (GPU/TPU) and, with one line on stderr saying why, on a CPU where it cannot build. Starts
+    JAX's backend: call it once the devices are set."""
+    if conv not in models.CONV_CHOICES:
+        raise ConfigError(f"conv={conv!r} is not one of {models.CONV_CHOICES}.")
+    if conv != "auto":
+        return conv
+    if jax.default_backend() != "cpu":
+        return "xla"
+    return _cpu_auto()
+
+
+@functools.cache
+def _cpu_auto() -> str:
+    from resnet_jax.ops import onednn
+
+    try:
+        onednn.load()
+    except ExtensionUnavailable as e:
+        print(f"resnet_jax: conv=auto runs XLA's CPU kernels: {e}", file=sys.stderr)
+        return "xla"
+    return "onednn"
+
+
 def conv_override(config: ml_collections.ConfigDict, resolve: bool = True) -> dict[str, str]:
     """``{"conv_impl": config.conv}`` unless that is "xla" (older configs lack the field).
 
-    "auto" (the default) is resolved (``models.resolve_conv_impl``: oneDNN on a CPU where it
+    "auto" (the default) is resolved (:func:`resolve_conv`: oneDNN on a CPU where it
     builds), which starts JAX's backend; ``resolve=False`` (validation, before the devices are
     set) checks the structure with XLA's instead: both build the same module.
     """
     conv = config.get("conv", "xla")
     if conv == "auto":
-        conv = models.resolve_conv_impl(conv) if resolve else "xla"
+        conv = resolve_conv(conv) if resolve else "xla"
     return {} if conv == "xla" else {"conv_impl": conv}
 
 
