@@ -9,8 +9,10 @@ short piecewise schedule. No download; runs on a laptop CPU.
 Expect 1.9-3.6 % test error (7-13 of 360) at step 1000. Float rounding differs between machines
 of the same kind (AVX2 / AVX-512 hosts), so one seed is not one number: seed 0 gave 1.94 % on
 this project's VM (2026-11-27 and again 2026-11-30) and 3.61 % on another 2-core machine; seeds
-1 and 2 gave 2.78 %. 75 s of training after a ~20 s install on 2 otherwise idle cores
-(2026-11-30; 82 s while two other jobs ran). ResNet-20 at width 12: 152,182 parameters.
+1 and 2 gave 2.78 %. On the CPU fast path (conv="auto", the default since 2026-12-03) seed 0
+gave 2.78 % on this VM, 147 s for a fresh venv's install, the extension's first build and
+training together (~650 img/s; ~200 on XLA's kernels that day).
+ResNet-20 at width 12: 152,182 parameters.
 Not a paper number: the paper has no digits experiment; this checks the engine end to end.
 """
 
