@@ -1,15 +1,18 @@
-"""Training-mode BN(+add)(+ReLU) on three primitives whose CPU kernels XLA cannot misfuse.
+"""Training-mode BN(+add)(+ReLU) on four primitives whose CPU kernels XLA cannot misfuse.
 
 XLA:CPU fuses the normalised input ``xhat`` into the forward output and into the backward
 reductions, so it materialises ``xhat`` (one more activation-sized buffer per BN) and runs each
 reduction to f32[C] as a fusion of its own (benchmarks/op_profile.py). Here the op is written on
-three primitives; with ``impl="onednn"`` on CPU the two reductions are the fused kernels of
-:mod:`resnet_jax.ops.fused_bn` (rows split over XLA's thread pool, per-thread partial sums),
-which read ``x``, ``y`` and the cotangent directly; every elementwise part stays XLA's, so it
-fuses into one pass each way. Everywhere else (``impl="xla"``, GPU, TPU) each primitive lowers
-to its plain ``lax`` reference, the same function.
+four primitives; with ``impl="onednn"`` on CPU the two reductions and the forward's
+normalise(+add)(+ReLU) are the fused kernels of :mod:`resnet_jax.ops.fused_bn` (rows split
+over XLA's thread pool, per-thread partial sums), which read ``x``, ``y`` and the cotangent
+directly; the backward's elementwise part stays XLA's, one pass. Everywhere else
+(``impl="xla"``, GPU, TPU) each primitive lowers to its plain ``lax`` reference, the same
+function.
 
 * ``stats(x) -> (2, C)``: ``[mean(x), mean(x^2)]`` over all axes but the last.
+* ``apply(x, coef[, r]) -> y``: ``(x - coef0) * coef1 + coef2 (+ r)``, then ReLU under
+  ``relu``: the forward output, opaque so XLA cannot recompute it inside later fusions.
 * ``grad_stats(g, y, x, mean, inv_std) -> (2, C)``: ``[mean(g'), mean(g' xhat)]`` with
   ``g' = g * (y > 0)`` under ``relu`` (the ReLU mask read from the output, as PyTorch's in-place
   ReLU), ``xhat = (x - mean) * inv_std``. Linear in ``g``.

@@ -13,7 +13,7 @@ takes. The same library holds ``bn_kernels.cc``'s fused batch-norm kernels
     pip install -e . && python -m resnet_jax.ops.onednn build   # build: optional, ahead of time
 
 The library is built once per (source, jaxlib, oneDNN, compiler) into a cache directory
-(``$RESNET_JAX_CACHE`` or ``~/.cache/resnet_jax``), ~30 s with g++ on 2 cores; the first use
+(``$RESNET_JAX_CACHE`` or ``~/.cache/resnet_jax``), ~13 s with g++ on 2 cores; the first use
 (train.py's default ``conv="auto"``) does it, ``build`` does it ahead of time. On GPU/TPU the
 same primitives lower to XLA's convolution and its transposes, so a config that says "onednn"
 still runs there.
