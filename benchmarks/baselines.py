@@ -246,7 +246,11 @@ def resnet_jax_program(name: str, model: ResNet, batch: dict[str, np.ndarray], m
             metrics = step(holder["state"], device_batch)
         jax.block_until_ready(metrics)
 
-    return harness.Program(name, run)
+    def first() -> None:  # as the train loop does after its first step (parallel.InFlight)
+        run()
+        parallel.settle_heap()
+
+    return harness.Program(name, run, first)
 
 
 def xla_model(model: ResNet) -> ResNet:

@@ -141,13 +141,15 @@ class Program:
     (``jax.block_until_ready``, ``.item()``); ``first()`` (default: ``step``) is the first,
     compiling call. ``timed(n)``, where given, runs ``n`` steps and returns their seconds as
     measured where they ran (a :class:`Worker`'s program). ``note`` is printed after the name
-    (e.g. the torch memory format)."""
+    (e.g. the torch memory format). ``peak_memory()``, where given, is the peak RSS of the
+    process the program runs in (a :class:`Worker`'s), in bytes."""
 
     name: str
     step: Callable[[], Any]
     first: Callable[[], Any] | None = None
     note: str = ""
     timed: Callable[[int], list[float]] | None = None
+    peak_memory: Callable[[], int] | None = None
 
 
 @dataclasses.dataclass
@@ -168,6 +170,7 @@ class Interleaved:
     block_seconds: list[dict[str, list[float]]]  # [block][program name] -> per-step seconds
     block_order: list[list[str]]  # [block] -> program names in the order they ran
     notes: dict[str, str] = dataclasses.field(default_factory=dict)
+    peak_memory: dict[str, int] = dataclasses.field(default_factory=dict)  # worker programs'
 
     @property
     def blocks(self) -> int:
@@ -246,7 +249,8 @@ def time_interleaved(
         block_seconds.append(times)
         orders.append(order)
     return Interleaved(steps_per_block, first_call, block_seconds, orders,
-                       {p.name: p.note for p in programs if p.note})
+                       {p.name: p.note for p in programs if p.note},
+                       {p.name: p.peak_memory() for p in programs if p.peak_memory})
 
 
 class Worker:
@@ -308,7 +312,12 @@ class Worker:
         pid = next(self._ids)
         self._call(op="build", id=pid, factory=factory, arrays=arrays, kwargs=kwargs)
         return Program(name, step=lambda: self._call(op="steps", id=pid, n=1), note=note,
-                       timed=lambda n: self._call(op="steps", id=pid, n=n))
+                       timed=lambda n: self._call(op="steps", id=pid, n=n),
+                       peak_memory=self.peak_memory_bytes)
+
+    def peak_memory_bytes(self) -> int:
+        """The worker process's peak RSS so far, in bytes."""
+        return int(self._call(op="peak_memory"))
 
     def close(self) -> None:
         """Stop the worker (idempotent)."""
@@ -340,12 +349,15 @@ def serve_worker() -> None:
             out.flush()
             break
         try:
-            if request["op"] == "build":
+            if request["op"] == "peak_memory":
+                reply: dict[str, Any] = {
+                    "result": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            elif request["op"] == "build":
                 module, function = request["factory"].split(":")
                 arrays = dict(np.load(request["arrays"])) if request["arrays"] else {}
                 factory = getattr(importlib.import_module(module), function)
                 programs[request["id"]] = factory(arrays, **request["kwargs"])
-                reply: dict[str, Any] = {"result": None}
+                reply = {"result": None}
             else:
                 step, times = programs[request["id"]], []
                 for _ in range(request["n"]):
@@ -435,7 +447,8 @@ def report(
     print(f"  step median {timing.median * 1e3:.1f} ms (min {lo * 1e3:.1f}, max {hi * 1e3:.1f}); "
           f"{ips:,.0f} images/s; {achieved / 1e9:,.1f} GFLOP/s"
           + (f" = {achieved / peak:.1%} of a {peak / 1e9:,.0f} GFLOP/s matmul" if peak else ""))
-    print(f"  peak memory {out['peak_memory_bytes'] / 2**20:,.0f} MiB")
+    print(f"  peak memory {out['peak_memory_bytes'] / 2**20:,.0f} MiB (this process: "
+          f"{primary} and any baseline not in a worker)")
     for name in others:
         t = result.timing(name)
         b_ips = args.batch / t.median
@@ -453,6 +466,12 @@ def report(
         print(f"  baseline {label}: median {t.median * 1e3:.1f} ms, {b_ips:,.0f} images/s "
               f"-> {primary} is {r.median:.2f}x (blocks: {r.min:.2f}-{r.max:.2f}, "
               f"{result.blocks} blocks x {result.steps_per_block} steps, interleaved)")
+        if name in result.peak_memory:  # ran in a process of its own: its peak is its own
+            theirs = result.peak_memory[name]
+            out[f"{name}_peak_memory_bytes"] = theirs
+            out[f"peak_memory_vs_{name}"] = out["peak_memory_bytes"] / theirs
+            print(f"    its process's peak memory {theirs / 2**20:,.0f} MiB -> {primary}'s is "
+                  f"{out['peak_memory_bytes'] / theirs:.2f}x")
     if args.json:
         print(json.dumps(out, default=float))
     return out

@@ -161,6 +161,8 @@ def test_worker_programs_run_in_their_own_process_interleaved(tmp_path, monkeypa
     assert [len(block["remote"]) for block in r.block_seconds] == [2, 2, 2]
     ratio = r.ratio("local", "remote")
     assert ratio.min <= ratio.median <= ratio.max
+    # the worker's own peak RSS (a Python process with numpy: tens of MiB), not this one's
+    assert set(r.peak_memory) == {"remote"} and 10 * 2**20 < r.peak_memory["remote"] < 2**31
 
 
 def test_train_step_benchmark_interleaves_plain_xla_and_torch_baselines():

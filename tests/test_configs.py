@@ -54,6 +54,7 @@ def test_paper_recipes() -> None:
      ("batch_size", 0, "batch_size=0 must be > 0"),
      ("momentum", 1.5, "momentum=1.5 must be in [0, 1)"),
      ("cpu_devices", -1, "cpu_devices=-1 must be >= 0"),
+     ("steps_in_flight", -2, "steps_in_flight=-2 must be an int >= -1"),
      ("label_smoothing", 1.0, "label_smoothing=1.0"),
      ("lr_boundaries", (48_000, 32_000), "must be increasing")],
 )

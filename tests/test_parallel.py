@@ -183,6 +183,89 @@ if __name__ == "__main__":
     _worker(a.out, a.process_id, a.num_processes, a.port, a.variants)
 
 
+class _Output:
+    """Stands in for a step's output: records when the loop blocks on it."""
+
+    def __init__(self, name: str, log: list[str]) -> None:
+        self.name, self.log = name, log
+
+    def block_until_ready(self) -> _Output:
+        self.log.append(self.name)
+        return self
+
+
+def test_in_flight_keeps_at_most_limit_steps_unfinished(monkeypatch) -> None:
+    from resnet_jax import parallel
+
+    settled = []
+    monkeypatch.setattr(parallel, "settle_heap", lambda: settled.append(1))
+    log: list[str] = []
+    bounded = parallel.InFlight(2)
+    for i in range(5):
+        bounded.wait()
+        bounded.add(_Output(f"s{i}", log))
+    # before step k is dispatched, step k-2 is waited for: two at most are ever queued
+    assert log == ["s0", "s1", "s2"] and settled == [1]  # settled once, after the first
+    unbounded = parallel.InFlight(0)
+    for i in range(5):
+        unbounded.wait()
+        unbounded.add(_Output(f"u{i}", log))
+    assert log == ["s0", "s1", "s2"]
+
+
+def test_steps_in_flight_resolves_auto_and_rejects_bad_values() -> None:
+    from resnet_jax import parallel
+    from resnet_jax.errors import ConfigError
+
+    assert parallel.steps_in_flight(-1) == 1  # the tests run on CPU: one step at a time
+    assert parallel.steps_in_flight(0) == 0 and parallel.steps_in_flight(3) == 3
+    for bad in (-2, 1.5, True, "auto"):
+        with pytest.raises(ConfigError, match=r"steps_in_flight=.*--config.steps_in_flight=1"):
+            parallel.steps_in_flight(bad)
+
+
+_STRANDED = """
+import ctypes, sys
+from resnet_jax import parallel
+if sys.argv[1] == "off":
+    print(parallel.settle_heap())  # never asked to keep freed memory: nothing to do
+    raise SystemExit
+assert parallel.keep_freed_memory()
+libc = ctypes.CDLL(None)
+libc.posix_memalign.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t, ctypes.c_size_t]
+libc.malloc.restype = libc.memset.restype = ctypes.c_void_p
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+def rss():
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+size = 256 << 20
+block = ctypes.c_void_p()
+assert libc.posix_memalign(ctypes.byref(block), 64, size) == 0  # as XLA:CPU's temporaries
+libc.memset(block, 1, size)
+small = libc.malloc(1 << 20)  # a long-lived allocation above it
+libc.memset(small, 1, 1 << 20)
+libc.free(block)
+kept = rss()
+assert parallel.settle_heap()
+print(kept - rss())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_settle_heap_returns_a_stranded_block_to_the_os() -> None:
+    """A freed 256 MiB aligned block below a live allocation stays resident under
+    keep_freed_memory (nothing trims) until settle_heap hands its pages back."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root)}
+    out = {}
+    for mode in ("keep", "off"):
+        done = subprocess.run([sys.executable, "-c", _STRANDED, mode], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        out[mode] = done.stdout.split()[-1]
+    assert int(out["keep"]) > 200 << 20 and out["off"] == "False", out
+
+
 _FAULTS = """
 import resource, sys
 from resnet_jax import parallel

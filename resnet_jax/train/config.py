@@ -29,6 +29,7 @@ RESUME_SAFE_FIELDS = (
     "num_train_steps", "num_epochs", "eval_every_steps", "log_every_steps",
     "checkpoint_every_steps", "keep_checkpoints", "eval_batch_size", "parallel", "cpu_devices",
     "distributed", "profile_steps", "conv", "keep_freed_memory", "device_prefetch",
+    "steps_in_flight",
     "data.archive", "data.data_dir", "data.manual_dir", "data.download", "data.tfds_eval_split",
     "data.eval_protocol", "data.eval_resize", "data.multi_scale_sizes", "data.prefetch",
     "data.workers", "data.on_device",
@@ -206,6 +207,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.bn_sync = True  # False: BN statistics per device (the paper's multi-GPU setup)
     c.cpu_devices = 0  # N > 0: split the host CPU into N devices (one per core is fastest)
     c.device_prefetch = 2  # batches placed on the devices ahead of the step (0: at the step)
+    c.steps_in_flight = -1  # most train/eval steps dispatched and unfinished; -1: auto (1 on
+    #   CPU, where each queued step holds its own temporaries; unbounded elsewhere); 0: no bound
     c.dtype = "float32"  # compute dtype; params, BN statistics, loss and optimiser stay float32;
     #   "float16" adds dynamic loss scaling (GPUs without fast bfloat16)
     c.keep_freed_memory = True  # glibc keeps freed memory for reuse: XLA:CPU's per-step
@@ -368,6 +371,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _positive(config, field)
     optim.check_run_length(config)
     parallel.check_prefetch(config.get("device_prefetch", 2))
+    parallel.check_steps_in_flight(config.get("steps_in_flight", -1))
     if config.cpu_devices < 0:
         raise ConfigError(f"cpu_devices={config.cpu_devices} must be >= 0 (0: JAX's default; "
                           "N: one CPU device per core, e.g. --config.cpu_devices=2).")

@@ -53,8 +53,13 @@ def _evaluate_once(eval_fn: parallel.ParallelStep, state: Any,
         config, "eval", process_index=jax.process_index(),
         process_count=jax.process_count(), seed=config.seed,
     )
+    in_flight = parallel.InFlight(parallel.steps_in_flight(config.get("steps_in_flight", -1)))
+    outputs = []
     try:
-        outputs = [eval_fn(state, batch) for batch in stream]  # dispatched; fetched once below
+        for batch in stream:  # dispatched (at most steps_in_flight unfinished); fetched below
+            in_flight.wait()
+            outputs.append(eval_fn(state, batch))
+            in_flight.add(outputs[-1])
     finally:
         stream.close()
     sums: dict[str, float] = {}

@@ -140,6 +140,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batches = train_fn.prefetch(itertools.islice(stream, total_steps - start_step),
                                 int(config.get("device_prefetch", 2)), gather)
     pending: list[Any] = []
+    # XLA:CPU allocates a step's temporaries at dispatch: on CPU one step is queued at a time
+    in_flight = parallel.InFlight(parallel.steps_in_flight(config.get("steps_in_flight", -1)))
     last: dict[str, float] = {}
     t_mark, step_mark = time.perf_counter(), start_step
     profile = metrics_lib.ProfileWindow(config_lib.profile_window(config), workdir,
@@ -148,6 +150,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     try:
         for step in range(start_step, total_steps):
             profile.before(step)
+            in_flight.wait()  # first: the last step's temporaries are freed while this one's
+            #   batch and key are made (~1 ms on CPU), so the step reuses them
             try:
                 batch = next(batches)
             except DataError:  # a damaged shard, workers that keep dying: keep what is done
@@ -159,6 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                 raise
             key = step_key(host_rng, jax.device_put(np.int32(step), cpu))
             state, step_metrics = train_fn(state, batch, key)
+            in_flight.add(step_metrics["loss"])
             pending.append(step_metrics)
             done = step + 1
             profile.after(done, step_metrics)
