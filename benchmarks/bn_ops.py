@@ -154,13 +154,8 @@ def time_shape(shape: tuple[int, int, bool], args: argparse.Namespace,
         for p in programs:
             row[f"{p.name}_gbps"] = nbytes / result.timing(p.name).median / 1e9
             row[f"{p.name}_ms"] = result.timing(p.name).median * 1e3
-        for a, b in pairs:
-            r = result.ratio(a, b)
-            row[f"{a}_vs_{b}"] = r.median
-            row[f"{a}_vs_{b}_min"], row[f"{a}_vs_{b}_max"] = r.min, r.max
+        cells = harness.op_row_cells(row, result, programs, "gbps", pairs, 13)
         rows.append(row)
-        cells = "".join(f"{row[f'{p.name}_gbps']:9.1f}" for p in programs)
-        cells += "".join(f"{row[f'{a}_vs_{b}']:13.2f}" for a, b in pairs)
         print(f"{name:<16} {op:<9}{cells}")
     return rows
 
@@ -190,8 +185,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     shapes = [s for s in SHAPES
               if not args.only or any(t in label(s, args.batch) for t in args.only)]
     m = harness.machine()
-    print(f"machine: {m['host']} {m['cpu']} ({m['cpu_count']} cpus), jax {m['jax']}, "
-          f"{m['backend']}: {m['devices']}; {onednn.describe()}; split "
+    print(f"{harness.machine_line(m)}; {onednn.describe()}; split "
           f"{onednn.threads_per_call()}; GB/s (forward 12, backward 28 bytes per element), "
           f"{args.blocks} blocks x {args.reps} reps interleaved"
           + ("" if args.no_torch else "; torch channels_last in its own process"))

@@ -165,13 +165,8 @@ def time_shape(shape: ConvShape, args: argparse.Namespace, rng: np.random.Genera
         for p in programs:
             row[f"{p.name}_gflops"] = flops / result.timing(p.name).median / 1e9
         row["jax_gflops"] = row["xla_gflops"]
-        for a, c in pairs:
-            r = result.ratio(a, c)
-            row[f"{a}_vs_{c}"] = r.median
-            row[f"{a}_vs_{c}_min"], row[f"{a}_vs_{c}_max"] = r.min, r.max
+        cells = harness.op_row_cells(row, result, programs, "gflops", pairs, 14)
         rows.append(row)
-        cells = "".join(f"{row[f'{p.name}_gflops']:9.1f}" for p in programs)
-        cells += "".join(f"{row[f'{a}_vs_{c}']:14.2f}" for a, c in pairs)
         print(f"{name:<14} {conv:<16} {op:<12}{cells}")
     return rows
 
@@ -205,8 +200,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
               if not args.only or any(t in " ".join(s.label(args.batch)) for t in args.only)]
 
     m = harness.machine()
-    print(f"machine: {m['host']} {m['cpu']} ({m['cpu_count']} cpus), jax {m['jax']}, "
-          f"{m['backend']}: {m['devices']}; batch {args.batch} (ImageNet rows "
+    print(f"{harness.machine_line(m)}; batch {args.batch} (ImageNet rows "
           f"{max(1, args.batch // 4)}), GFLOP/s, {args.blocks} blocks x {args.reps} reps "
           "interleaved" + ("" if args.no_torch else "; torch in its own process, OpenMP "
                            f"{(harness.OMP_WAIT_POLICY_AT_START or 'default').lower()}"))

@@ -112,8 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = harness.time_interleaved(programs, blocks=args.blocks, steps_per_block=args.steps,
                                       warmup=args.warmup)
     m = harness.machine()
-    print(f"machine: {m['host']} {m['cpu']} ({m['cpu_count']} cpus), jax {m['jax']}, "
-          f"{m['backend']}: {m['devices']}")
+    print(harness.machine_line(m))
     print(f"transforms of {args.arch} (conv {args.conv}), train-mode loss, batch {args.batch}, "
           f"image {image}; {args.warmup} warm-up + {result.blocks} blocks x {args.steps} "
           "timed calls, interleaved; ratio = time / grad's time in the same block")

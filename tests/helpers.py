@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +65,15 @@ def onednn_status() -> tuple[bool, str]:
                                f"unavailable: {e}") from e
         return False, str(e)
     return True, ""
+
+
+def run_on_cpu_devices(script: str, devices: int, *args: str, timeout: int = 300) -> str:
+    """Run ``python -c script *args`` with the host CPU split into ``devices`` JAX devices (the
+    flag must be set before JAX starts, hence a process of its own); asserts it exits 0 and
+    prints "ok" last; returns its stdout."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    return done.stdout

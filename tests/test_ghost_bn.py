@@ -7,8 +7,6 @@ jit with ``bn_groups = G`` equals pmap with ``bn_sync=False`` on G devices (a su
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import textwrap
 from typing import Any
 
@@ -18,6 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from helpers import run_on_cpu_devices
 
 from resnet_jax import models
 from resnet_jax.errors import ConfigError
@@ -168,9 +167,5 @@ TWO_DEVICES = textwrap.dedent("""
 def test_jit_groups_equal_pmap_per_device_bn_on_two_devices():
     """Loss, gradients and batch_stats of one step of a dropout fork with scanned stages (the
     paper's nets' layout; one net: the default ResNet-20 adds only depth to the scan)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
     here = os.path.dirname(os.path.abspath(__file__))
-    done = subprocess.run([sys.executable, "-c", TWO_DEVICES, here], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_on_cpu_devices(TWO_DEVICES, 2, here, timeout=600)

@@ -4,9 +4,6 @@ under jvp/linearize, grad-of-grad, HVPs, hessian and vmap of grad, and synced ov
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 import flax.linen as nn
@@ -14,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import run_on_cpu_devices
 
 from resnet_jax.ops.norm import BatchNorm
 
@@ -225,8 +223,4 @@ SYNCED = textwrap.dedent("""
 
 
 def test_synced_batch_norm_on_two_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", SYNCED], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_on_cpu_devices(SYNCED, 2)

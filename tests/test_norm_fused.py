@@ -6,9 +6,6 @@ flax's BatchNorm followed by the add and the ReLU, on XLA's path and on the fuse
 from __future__ import annotations
 
 import functools
-import os
-import subprocess
-import sys
 import textwrap
 
 import flax.linen as nn
@@ -16,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import onednn_status
+from helpers import onednn_status, run_on_cpu_devices
 
 from resnet_jax.errors import ConfigError, ExtensionUnavailable
 from resnet_jax.ops import norm_prims
@@ -213,11 +210,7 @@ SYNCED = textwrap.dedent("""
 
 @pytest.mark.skipif(not AVAILABLE, reason=f"oneDNN extension unavailable: {WHY}")
 def test_synced_and_partitioned_on_two_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
-    done = subprocess.run([sys.executable, "-c", SYNCED], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    run_on_cpu_devices(SYNCED, 2)
 
 
 def test_conv_auto_resolves_to_the_cpu_fast_path(monkeypatch, capsys):

@@ -28,16 +28,14 @@
 // baseline x86-64 (function multiversioning, chosen once at load by the CPU).
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <exception>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel_for.h"
 
 namespace ffi = xla::ffi;
 
@@ -195,43 +193,7 @@ void BwdApplyRows(bool relu, bool masked, const float* g, const float* y, const 
 
 // ---- threading ----
 
-struct ForState {
-  std::atomic<int64_t> next{0};
-  std::mutex mutex;
-  std::condition_variable finished;
-  int64_t done = 0;
-  std::string error;
-};
-
-// fn(c) for every c in [0, chunks): on XLA's pool and on the calling thread (which claims
-// chunks too); returns when all have run. A chunk's exception is rethrown here as one message.
-template <typename F>
-void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, const F& fn) {
-  if (chunks <= 1) {
-    fn(0);
-    return;
-  }
-  auto state = std::make_shared<ForState>();
-  const F* body = &fn;  // only dereferenced for a claimed chunk, i.e. before we return
-  auto work = [state, body, chunks]() {
-    for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) {
-      std::string error;
-      try {
-        (*body)(c);
-      } catch (const std::exception& e) {
-        error = e.what();
-      }
-      std::lock_guard<std::mutex> lock(state->mutex);
-      if (!error.empty() && state->error.empty()) state->error = error;
-      if (++state->done == chunks) state->finished.notify_all();
-    }
-  };
-  for (int64_t t = 1; t < chunks; ++t) pool.Schedule(decltype(work)(work));
-  work();
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->finished.wait(lock, [&] { return state->done == chunks; });
-  if (!state->error.empty()) throw std::runtime_error(state->error);
-}
+using resnet_jax::ParallelFor;  // parallel_for.h: chunks on XLA's pool and this thread
 
 // Per-part sums (2*C doubles each) of acc(r0, r1, fs, fq, out) over the rows, combined in part
 // order into sums[0:2C]: the same bits for any split.

@@ -64,9 +64,7 @@ def _per_channel(s: Array, groups: int) -> Array:
 def _stats(xf, axes, epsilon, axis_name, axis_index_groups):
     mean, mean2 = _pmean2(xf.mean(axes, keepdims=True), lax.square(xf).mean(axes, keepdims=True),
                           axis_name, axis_index_groups)
-    raw_var = mean2 - lax.square(mean)  # flax's fast variance, clipped below
-    var = jnp.maximum(0.0, raw_var)
-    return mean, var, raw_var, lax.rsqrt(var + epsilon)
+    return (mean, *norm_prims.variance(mean, mean2, epsilon))
 
 
 def _merge_act(y, residual, relu, out_dtype):

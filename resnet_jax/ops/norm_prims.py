@@ -244,12 +244,18 @@ def _pmean(s, axis_name, axis_index_groups):
     return lax.pmean(s, axis_name, axis_index_groups=axis_index_groups)
 
 
+def variance(mean: Array, mean2: Array, epsilon: float) -> tuple[Array, Array, Array]:
+    """(var, raw_var, inv_std) from E[x] and E[x^2]: flax's fast variance, clipped at 0, and
+    1/sqrt(var + epsilon). Shared by this module's primitives and ops/norm.py's lax path."""
+    raw_var = mean2 - lax.square(mean)
+    var = jnp.maximum(0.0, raw_var)
+    return var, raw_var, lax.rsqrt(var + epsilon)
+
+
 def _primal(x, scale, bias, residual, epsilon, axis_name, axis_index_groups, relu, impl):
     s = _pmean(stats_p.bind(x, impl=impl), axis_name, axis_index_groups)
     mean = s[0]
-    raw_var = s[1] - lax.square(mean)  # flax's fast variance, clipped below
-    var = jnp.maximum(0.0, raw_var)
-    inv_std = lax.rsqrt(var + epsilon)
+    var, raw_var, inv_std = variance(mean, s[1], epsilon)
     # One opaque pass: as XLA's fusion, y was recomputed from x inside later fusions (the
     # backward's ReLU masks re-derived a whole residual chain of outputs in one loop).
     coef = jnp.stack([mean, inv_std * scale, bias])

@@ -22,8 +22,6 @@
 
 #include <algorithm>
 #include <array>
-#include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <exception>
@@ -35,6 +33,7 @@
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel_for.h"
 
 namespace ffi = xla::ffi;
 
@@ -209,17 +208,9 @@ std::string Describe(const std::exception& e, const Key& key) {
 // own intra-op thread pool (the FFI's thread-pool context) and on the calling thread, which
 // claims slices too (so it never waits on a pool busy elsewhere, and cannot deadlock). The
 // weight gradient sums the slices' partial gradients (float32 only; see Run).
-// A slice's failure, already described; rethrown on the calling thread.
+// A slice's failure, already described; rethrown on the calling thread (parallel_for.h).
 struct SliceError : std::runtime_error {
   using std::runtime_error::runtime_error;
-};
-
-struct SplitState {
-  std::atomic<int64_t> next{0};
-  std::mutex mutex;
-  std::condition_variable finished;
-  int64_t done = 0;
-  std::string error;
 };
 
 void RunSplit(ffi::ThreadPool& pool, const Key& key, int64_t chunks, uint8_t* a, uint8_t* b,
@@ -230,37 +221,25 @@ void RunSplit(ffi::ThreadPool& pool, const Key& key, int64_t chunks, uint8_t* a,
   const size_t y_row = size_t(key[9] * key[10] * key[8]) * elem;
   const size_t w_size = size_t(key[6] * key[7] * key[5] * key[8]);
   std::vector<float> partial(kind == kBackwardWeights ? w_size * (chunks - 1) : 0);
-  auto state = std::make_shared<SplitState>();
-  auto work = [=, &partial]() {
+  resnet_jax::ParallelFor<SliceError>(pool, chunks, [&](int64_t c) {
     if (omp_get_max_threads() != 1) omp_set_num_threads(1);
-    for (int64_t c; (c = state->next.fetch_add(1)) < chunks;) {
-      const int64_t n0 = n * c / chunks, n1 = n * (c + 1) / chunks;
-      Key k = key;
-      k[2] = n1 - n0;
-      k[17] = 1;
-      std::string error;
-      try {
-        if (kind == kForward) {
-          Execute(k, a + n0 * x_row, b, out + n0 * y_row);
-        } else if (kind == kBackwardData) {
-          Execute(k, a + n0 * y_row, b, out + n0 * x_row);
-        } else {
-          void* dw = c == 0 ? static_cast<void*>(out) : partial.data() + (c - 1) * w_size;
-          Execute(k, a + n0 * x_row, b + n0 * y_row, dw);
-        }
-      } catch (const std::exception& e) {
-        error = Describe(e, key);
+    const int64_t n0 = n * c / chunks, n1 = n * (c + 1) / chunks;
+    Key k = key;
+    k[2] = n1 - n0;
+    k[17] = 1;
+    try {
+      if (kind == kForward) {
+        Execute(k, a + n0 * x_row, b, out + n0 * y_row);
+      } else if (kind == kBackwardData) {
+        Execute(k, a + n0 * y_row, b, out + n0 * x_row);
+      } else {
+        void* dw = c == 0 ? static_cast<void*>(out) : partial.data() + (c - 1) * w_size;
+        Execute(k, a + n0 * x_row, b + n0 * y_row, dw);
       }
-      std::lock_guard<std::mutex> lock(state->mutex);
-      if (!error.empty() && state->error.empty()) state->error = error;
-      if (++state->done == chunks) state->finished.notify_all();
+    } catch (const std::exception& e) {
+      throw SliceError(Describe(e, key));
     }
-  };
-  for (int64_t t = 1; t < chunks; ++t) pool.Schedule(decltype(work)(work));
-  work();
-  std::unique_lock<std::mutex> lock(state->mutex);
-  state->finished.wait(lock, [&] { return state->done == chunks; });
-  if (!state->error.empty()) throw SliceError(state->error);
+  });
   if (kind == kBackwardWeights) {
     float* dw = reinterpret_cast<float*>(out);
     for (int64_t c = 0; c + 1 < chunks; ++c) {

@@ -57,6 +57,7 @@ from resnet_jax.ops import conv as conv_ops
 SOURCE = Path(__file__).with_name("onednn.cc")
 BN_SOURCE = Path(__file__).with_name("bn_kernels.cc")  # fused batch norm (ops/fused_bn.py)
 SOURCES = (SOURCE, BN_SOURCE)  # one library
+HEADERS = (Path(__file__).with_name("parallel_for.h"),)  # included by both; in the cache key
 EXTRA = "pip install -e ."  # oneDNN is a dependency of resnet_jax on x86-64 Linux
 _DN = ("NHWC", "HWIO", "NHWC")
 _TARGETS = ("conv_fwd", "conv_bwd_data", "conv_bwd_weights")
@@ -108,7 +109,7 @@ def build(verbose: bool = False) -> Path:
            "-L", str(libdir), "-l:libdnnl.so.3", f"-Wl,-rpath,{libdir}"]
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256("\0".join([
-        *(source.read_text() for source in SOURCES), jax.__version__,
+        *(source.read_text() for source in (*SOURCES, *HEADERS)), jax.__version__,
         importlib.metadata.version("jaxlib"),
         importlib.metadata.version("onednn-cpu-gomp"), str(libdir), version, *cmd,
     ]).encode()).hexdigest()[:16]
