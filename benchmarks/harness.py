@@ -86,6 +86,26 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object last")
 
 
+def machine_line(m: dict[str, Any] | None = None) -> str:
+    """``machine: <host> <cpu> (<n> cpus), jax <version>, <backend>: <devices>``."""
+    m = m or machine()
+    return (f"machine: {m['host']} {m['cpu']} ({m['cpu_count']} cpus), jax {m['jax']}, "
+            f"{m['backend']}: {m['devices']}")
+
+
+def op_row_cells(row: dict[str, Any], result: Interleaved, programs: Sequence[Program],
+                 unit: str, pairs: Sequence[tuple[str, str]], ratio_width: int) -> str:
+    """For the per-op benchmarks: adds each pair's ratio (median, min, max over blocks) to
+    ``row`` and returns the printed cells: each program's ``row[f"{name}_{unit}"]``, then the
+    ratios."""
+    for a, b in pairs:
+        r = result.ratio(a, b)
+        row[f"{a}_vs_{b}"] = r.median
+        row[f"{a}_vs_{b}_min"], row[f"{a}_vs_{b}_max"] = r.min, r.max
+    cells = "".join(f"{row[f'{p.name}_{unit}']:9.1f}" for p in programs)
+    return cells + "".join(f"{row[f'{a}_vs_{b}']:{ratio_width}.2f}" for a, b in pairs)
+
+
 def machine() -> dict[str, Any]:
     """Host, CPU, Python, JAX version, backend and devices of this process."""
     devs = jax.devices()
@@ -350,8 +370,7 @@ def serve_worker() -> None:
             break
         try:
             if request["op"] == "peak_memory":
-                reply: dict[str, Any] = {
-                    "result": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+                reply: dict[str, Any] = {"result": peak_rss_bytes()}
             elif request["op"] == "build":
                 module, function = request["factory"].split(":")
                 arrays = dict(np.load(request["arrays"])) if request["arrays"] else {}
@@ -381,12 +400,23 @@ def time_steps(
     return result.timing("program")
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: Linux's VmHWM (kept per address space, so a worker
+    does not inherit the peak of the process it was forked from, as ``ru_maxrss`` does across
+    exec), else ``ru_maxrss``."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def peak_memory_bytes() -> int:
     """Device peak where the backend reports it (GPU/TPU), else this process's peak RSS."""
     stats = jax.devices()[0].memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         return int(stats["peak_bytes_in_use"])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak_rss_bytes()
 
 
 def report(
@@ -435,8 +465,7 @@ def report(
         "peak_memory_bytes": peak_memory_bytes(),
         **(extra or {}),
     }
-    print(f"machine: {m['host']} {m['cpu']} ({m['cpu_count']} cpus), jax {m['jax']}, "
-          f"{m['backend']}: {m['devices']}")
+    print(machine_line(m))
     conv = f" conv {out['conv']}" if out["conv"] != "xla" else ""
     print(f"{title}: {args.arch} batch {args.batch} image {args.image} {args.dtype} "
           f"{args.parallel}{conv}; compile {timing.compile_seconds:.1f} s (first call "

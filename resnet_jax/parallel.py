@@ -82,6 +82,15 @@ def keep_freed_memory() -> bool:
     "never"): the largest threshold mallopt takes, 2 GiB, was below ResNet-50 b32's 2.7 GB of
     temporaries, which then faulted in afresh every step (690,000 faults, 6-10 s of system time
     a step). The cost: the process keeps its peak memory.
+
+    A kept block is only reused if it is free when the next step asks for it. XLA:CPU frees a
+    step's temporaries on its own thread just after the outputs are ready, so a loop that
+    dispatches the next step at once often allocates a second block (ResNet-50 b32: 6.0
+    against 3.4 GiB, both kept). So this also turns off asynchronous dispatch on the CPU
+    (``jax_cpu_enable_async_dispatch``): a one-device CPU step then runs in the calling thread
+    and frees its buffers before it returns (multi-device steps stay asynchronous; the loop
+    bounds them with :class:`InFlight`). With :func:`settle_heap` after the first step, every
+    step reuses one block.
     Only takes effect before JAX starts its CPU client (the loop calls it first); returns
     whether glibc accepted the settings (False off Linux/glibc, changing nothing).
     """
@@ -95,6 +104,8 @@ def keep_freed_memory() -> bool:
     global _keeping_freed_memory
     _keeping_freed_memory = bool(mallopt(_M_ARENA_MAX, 1) and mallopt(_M_MMAP_MAX, 0)
                                  and mallopt(_M_TRIM_THRESHOLD, -1))
+    if _keeping_freed_memory:
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
     return _keeping_freed_memory
 
 
@@ -106,13 +117,13 @@ def settle_heap() -> bool:
     blocks to the OS (glibc ``malloc_trim``, the top kept), where :func:`keep_freed_memory` is on.
 
     Why: XLA:CPU allocates each step's temporaries as one aligned block (ResNet-50 b32: 2.6 GB).
-    The first step also leaves small long-lived allocations above it, so its freed block sits
-    inside the heap, exactly its own size, and an aligned request of that size (which asks a
-    little more) never fits it again: the second step's block comes from the heap's top, the
-    first stays resident, never used, and the process holds two blocks (peak 6.2 against
-    3.5 GiB). Trimming between the first and the second step drops the stranded pages; from then
-    on every step reuses the block at the top (0 page faults). Sleeps 10 ms first: XLA frees a
-    step's buffers on its own thread just after the outputs are ready. The trim itself took
+    The first step also leaves long-lived allocations (caches, ~90 MB) after it, so its freed
+    block sits inside the heap, and an aligned request of its size asks a little more than it
+    holds: in most runs measured the second step's block came from the heap's top and the first
+    stayed resident, never used (peak 6.2 against 3.5 GiB). Trimming between the first and the
+    second step drops the stranded pages; from then on every step reuses the block at the top
+    (0 page faults). Sleeps 10 ms first: an asynchronous (multi-device) step's buffers are
+    freed on XLA's thread just after its outputs are ready. The trim itself took
     ~0.25 s for ResNet-50's heap. Returns whether it trimmed (False where keep_freed_memory is
     off or the C library is not glibc).
     """
