@@ -1,6 +1,7 @@
 """Per-op convolution throughput: forward, input gradient and weight gradient, JAX vs PyTorch.
 
     python benchmarks/conv_ops.py [--batch 128] [--conv onednn] [--only /2] [--json]
+    python benchmarks/conv_ops.py --net resnet50 --stride-in 3x3 --batch 32 --conv onednn
 
 Rows: the 3x3 stride-1 convolutions of the CIFAR nets (32x32x16, 16x16x32, 8x8x64) and the
 ImageNet nets (56x56x64, 14x14x256), then the strided ones: 3x3 stride 2 (CIFAR's 32x32 16->32
@@ -12,7 +13,9 @@ median time, for XLA (``jax.lax.conv_general_dilated``), with ``--conv onednn``
 interleaved (--blocks blocks of --reps calls each, the first engine rotating) and each ratio is
 the median of the per-block ratios. PyTorch runs in a worker process of its own
 (``harness.Worker``: OpenMP's settings are per process). Documents where the CPU gap to PyTorch
-comes from (benchmarks/RESULTS.md).
+comes from (benchmarks/RESULTS.md). ``--net ARCH`` times that network's distinct convolutions
+instead (``resnet_jax.summary.convolutions``, at exactly ``--batch``) and ends with each engine's
+convolution time per training step, each row weighted by how many layers have it.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ class ConvShape:
     stride: int = 1
     padding: int = 1
     imagenet: bool = False
+    count: int = 1  # layers of the --net that have this convolution
 
     @property
     def out_side(self) -> int:
@@ -161,9 +165,11 @@ def time_shape(shape: ConvShape, args: argparse.Namespace, rng: np.random.Genera
         row = {"shape": name, "conv": conv, "op": op, "batch": b, "side": shape.side,
                "cin": shape.cin, "cout": shape.cout, "kernel": shape.kernel,
                "stride": shape.stride, "padding": shape.padding, "out_side": shape.out_side,
-               "flops": flops, "blocks": args.blocks, "reps": args.reps, "torch_gflops": None}
+               "flops": flops, "blocks": args.blocks, "reps": args.reps, "torch_gflops": None,
+               "count": shape.count}
         for p in programs:
-            row[f"{p.name}_gflops"] = flops / result.timing(p.name).median / 1e9
+            row[f"{p.name}_seconds"] = result.timing(p.name).median
+            row[f"{p.name}_gflops"] = flops / row[f"{p.name}_seconds"] / 1e9
         row["jax_gflops"] = row["xla_gflops"]
         cells = harness.op_row_cells(row, result, programs, "gflops", pairs, 14)
         rows.append(row)
@@ -182,6 +188,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--only", action="append", default=[], metavar="TEXT",
                         help="keep the rows whose label contains TEXT (e.g. '/2', '7x7'); "
                              "repeatable")
+    parser.add_argument("--net", default=None, metavar="ARCH",
+                        help="rows: the distinct convolutions of this registry net (e.g. "
+                             "resnet50) at its image size and exactly --batch, then the "
+                             "per-step total weighted by how many layers have each")
+    parser.add_argument("--stride-in", default=None, choices=["1x1", "3x3"],
+                        help="with --net: the bottleneck's stride placement (3x3 = v1.5)")
     parser.add_argument("--no-torch", action="store_true")
     parser.add_argument("--torch-channels-last", action="store_true",
                         help="torch tensors in channels_last (NHWC): PyTorch's fastest CPU "
@@ -196,7 +208,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     engines = [*convs, *([] if args.no_torch else ["torch"])]
     pairs = [(a, b) for a, b in (("xla", "torch"), ("onednn", "torch"), ("onednn", "xla"))
              if a in engines and b in engines]
-    shapes = [s for s in SHAPES
+    shapes = net_shapes(args) if args.net else SHAPES
+    shapes = [s for s in shapes
               if not args.only or any(t in " ".join(s.label(args.batch)) for t in args.only)]
 
     m = harness.machine()
@@ -213,9 +226,37 @@ def main(argv: list[str] | None = None) -> list[dict]:
         worker = None if args.no_torch else stack.enter_context(harness.Worker())
         for shape in shapes:
             rows += time_shape(shape, args, rng, convs, pairs, worker)
+    if args.net:
+        print(step_total(rows, engines, pairs))
     if args.json:
         print(json.dumps(rows))
     return rows
+
+
+def net_shapes(args: argparse.Namespace) -> list[ConvShape]:
+    """``--net``'s distinct convolutions (``resnet_jax.summary.convolutions``), each with the
+    number of layers that have it, at exactly ``--batch``."""
+    from resnet_jax import summary
+    from resnet_jax.errors import ConfigError
+
+    overrides = {"stride_in": args.stride_in} if args.stride_in else {}
+    try:
+        convs = summary.convolutions(args.net, **overrides)
+    except (ConfigError, KeyError, TypeError) as e:
+        raise SystemExit(f"--net {args.net}: {e}") from e
+    return [ConvShape(c.side, c.cin, c.cout, c.kernel, c.stride, c.padding, count=c.count)
+            for c in convs]
+
+
+def step_total(rows: list[dict], engines: list[str], pairs: list[tuple[str, str]]) -> str:
+    """One line: each engine's convolution time per training step, the sum over rows of layers
+    x median time (the image layer's input gradient left out: a step never computes it)."""
+    kept = [r for r in rows if not (r["cin"] == 3 and r["op"] == "input_grad")]
+    total = {e: sum(r["count"] * r[f"{e}_seconds"] for r in kept) for e in engines}
+    layers = sum(r["count"] for r in kept if r["op"] == "forward")
+    return (f"per step ({layers} layers, fwd + input grad + weight grad): "
+            + ", ".join(f"{e} {1e3 * t:,.1f} ms" for e, t in total.items())
+            + "".join(f"; {a}/{b} {total[b] / total[a]:.2f}x" for a, b in pairs))
 
 
 if __name__ == "__main__":

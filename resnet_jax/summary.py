@@ -70,6 +70,72 @@ def default_image_size(model: nn.Module) -> int:
     return int(model.default_image_size)  # other registered nets (VGG) declare theirs
 
 
+def repeats(module: nn.Module, path: tuple[str, ...]) -> int:
+    """How many blocks the submodule at ``path`` stands for: one scanned body (``stageK/blocks``)
+    stands for blocks 2..n of stage K, anything else for itself."""
+    if path[1:2] == ("blocks",):
+        return module.stage_sizes[int(path[0].removeprefix("stage")) - 1] - 1
+    return 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Convolution:
+    """One distinct convolution of a network: NHWC input ``side`` x ``side`` x ``cin``,
+    ``kernel`` x ``kernel`` to ``cout`` at ``stride``, symmetric ``padding``; ``count`` layers
+    of the network have it."""
+
+    side: int
+    cin: int
+    cout: int
+    kernel: int
+    stride: int
+    padding: int
+    count: int
+
+
+def convolutions(
+    model: str | nn.Module, image_size: int | None = None, **overrides: Any
+) -> tuple[Convolution, ...]:
+    """The distinct square convolutions of ``model`` at ``image_size`` with how many layers
+    have each, in call order (scanned blocks counted as the blocks they stand for)."""
+    module = models.create(model, **overrides) if isinstance(model, str) else model
+    if image_size is None:
+        image_size = default_image_size(module)
+    module = module.clone(return_features=False)
+    seen: dict[tuple[str, ...], tuple[int, ...]] = {}
+
+    def record(next_fun, args, kwargs, context):
+        mod = context.module
+        if isinstance(mod, nn.Conv) and context.method_name == "__call__":
+            x = args[0]
+            (kh, kw), cin, cout = mod.kernel_size, x.shape[-1], mod.features
+            strides = mod.strides or 1
+            strides = (strides, strides) if isinstance(strides, int) else tuple(strides)
+            pad = mod.padding
+            if isinstance(pad, str):
+                pad = jax.lax.padtype_to_pads(x.shape[1:3], (kh, kw), strides, pad)
+            if (kh != kw or len(set(strides)) != 1
+                    or len({p for pair in pad for p in pair}) != 1 or x.shape[1] != x.shape[2]):
+                raise ConfigError(f"{'/'.join(mod.path)}: only square convolutions with "
+                                  f"symmetric padding are listed (kernel {kh}x{kw}, strides "
+                                  f"{strides}, padding {pad}, input {x.shape})")
+            geometry = (x.shape[1], cin, cout, kh, strides[0], pad[0][0])
+            seen[mod.path] = (*geometry, repeats(module, mod.path))
+        return next_fun(*args, **kwargs)
+
+    def init() -> Any:
+        with nn.intercept_methods(record):
+            return module.init(
+                jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False
+            )
+
+    jax.eval_shape(init)
+    counts: dict[tuple[int, ...], int] = {}
+    for *geometry, n in seen.values():
+        counts[tuple(geometry)] = counts.get(tuple(geometry), 0) + n
+    return tuple(Convolution(*g, count=n) for g, n in counts.items())
+
+
 def summarize(
     model: str | nn.Module, image_size: int | None = None, **overrides: Any
 ) -> Summary:
@@ -95,9 +161,7 @@ def summarize(
             kernel = mod.variables["params"]["kernel"]
             # per output position: k_h * k_w * c_in/groups * c_out
             n = math.prod(out.shape[1:-1]) * math.prod(kernel.shape)
-            if mod.path[1:2] == ("blocks",):  # one scanned body stands for blocks 1..n-1
-                n *= module.stage_sizes[int(top.removeprefix("stage")) - 1] - 1
-            macs[mod.path] = n  # keyed by path: nn.scan may trace its body more than once
+            macs[mod.path] = n * repeats(module, mod.path)  # by path: scan may trace twice
         return out
 
     def init() -> Any:

@@ -204,6 +204,16 @@ def test_conv_ops_benchmark_covers_the_strided_shapes():
     assert all(row["xla_gflops"] > 0 and row["torch_gflops"] is None for row in r)
 
 
+def test_conv_ops_rows_of_a_net_with_its_layer_counts():
+    r = run_json("conv_ops.py", "--net", "resnet20", "--batch", "2", "--blocks", "1", "--reps",
+                 "1", "--no-torch")
+    forward = [row for row in r if row["op"] == "forward"]
+    assert len(r) == 3 * len(forward) == 3 * 6
+    assert sum(row["count"] for row in forward) == 19  # 6n + 1 convolutions, n = 3
+    assert forward[0]["shape"] == "2x32x32x3" and all(row["batch"] == 2 for row in r)
+    assert all(row["xla_seconds"] > 0 for row in r)
+
+
 def test_conv_ops_onednn_column():
     onednn_or_skip()
     pytest.importorskip("torch")

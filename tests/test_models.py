@@ -13,7 +13,7 @@ import pytest
 
 from resnet_jax import models
 from resnet_jax.models import conv as canonical
-from resnet_jax.summary import summarize
+from resnet_jax.summary import Convolution, convolutions, summarize
 
 
 def param_count(name: str, **overrides) -> int:
@@ -83,6 +83,23 @@ def test_summary_rows_read_like_the_architecture():
         (56, 56, 64), (56, 56, 256), (28, 28, 512), (14, 14, 1024), (7, 7, 2048), (1000,)
     ]
     assert "3.858 G mult-adds" in s.table()
+
+
+def _out_side(c: Convolution) -> int:
+    return (c.side + 2 * c.padding - c.kernel) // c.stride + 1
+
+
+@pytest.mark.parametrize("name, overrides, layers, distinct", [
+    ("resnet50", {"stride_in": "3x3"}, 53, 23),  # 16 blocks x 3 + 4 projections + the stem
+    ("resnet56", {}, 55, 6),  # 27 blocks x 2 + the stem; option A adds no convolution
+])
+def test_convolutions_list_every_layer_once(name, overrides, layers, distinct):
+    convs = convolutions(name, **overrides)
+    assert sum(c.count for c in convs) == layers and len(convs) == distinct
+    macs = sum(c.count * _out_side(c) ** 2 * c.kernel**2 * c.cin * c.cout for c in convs)
+    fc = 2048 * 1000 if name == "resnet50" else 64 * 10
+    assert macs == summarize(name, **overrides).mult_adds - fc
+    assert convs[0].cin == 3  # the image layer first, in call order
 
 
 def test_parameter_paths_read_like_the_architecture():
