@@ -248,7 +248,8 @@ class ResNet(nn.Module):
                      param_dtype=self.param_dtype)
         if isinstance(self.stem, str):
             x = Stem(self.stem, self.width, conv, norm, self.act,
-                     fast_pool.flax_max_pool if fast else nn.max_pool, name="stem")(x)
+                     functools.partial(fast_pool.flax_max_pool, impl="onednn") if fast
+                     else nn.max_pool, name="stem")(x)
         else:
             x = self.stem(**_declared(self.stem, {"features": self.width, **parts}),
                           name="stem")(x)

@@ -39,16 +39,6 @@
 
 namespace ffi = xla::ffi;
 
-// -DRESNET_JAX_CLONES='__attribute__((target("arch=x86-64-v3")))' (or empty: baseline) builds one
-// variant alone, to test it on a machine that would pick another.
-#ifndef RESNET_JAX_CLONES
-#if defined(__x86_64__) && defined(__GNUC__)
-#define RESNET_JAX_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RESNET_JAX_CLONES
-#endif
-#endif
 #define RESNET_JAX_INLINE inline __attribute__((always_inline))
 
 namespace {

@@ -56,14 +56,16 @@ from resnet_jax.ops import conv as conv_ops
 
 SOURCE = Path(__file__).with_name("onednn.cc")
 BN_SOURCE = Path(__file__).with_name("bn_kernels.cc")  # fused batch norm (ops/fused_bn.py)
-SOURCES = (SOURCE, BN_SOURCE)  # one library
-HEADERS = (Path(__file__).with_name("parallel_for.h"),)  # included by both; in the cache key
+POOL_SOURCE = Path(__file__).with_name("pool_kernels.cc")  # the max pool's backward (ops/pool.py)
+SOURCES = (SOURCE, BN_SOURCE, POOL_SOURCE)  # one library
+HEADERS = (Path(__file__).with_name("parallel_for.h"),)  # included by all; in the cache key
 EXTRA = "pip install -e ."  # oneDNN is a dependency of resnet_jax on x86-64 Linux
 _DN = ("NHWC", "HWIO", "NHWC")
 _TARGETS = ("conv_fwd", "conv_bwd_data", "conv_bwd_weights")
-# bn_kernels.cc's handlers, registered as resnet_jax_<name> (see resnet_jax.ops.fused_bn)
-BN_TARGETS = ("bn_stats", "bn_apply", "bn_apply_add", "bn_bwd_stats", "bn_bwd_apply",
-              "bn_bwd_apply_masked")
+# bn_kernels.cc's and pool_kernels.cc's handlers, registered as resnet_jax_<name> (see
+# resnet_jax.ops.fused_bn and resnet_jax.ops.pool)
+KERNEL_TARGETS = ("bn_stats", "bn_apply", "bn_apply_add", "bn_bwd_stats", "bn_bwd_apply",
+                  "bn_bwd_apply_masked", "pool_scatter")
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 
@@ -146,7 +148,7 @@ def load() -> ctypes.CDLL:
     path = build()
     lib = ctypes.CDLL(str(path))
     symbols = [f"resnet_jax_onednn_{name}" for name in _TARGETS]
-    for symbol in [*symbols, *(f"resnet_jax_{name}" for name in BN_TARGETS)]:
+    for symbol in [*symbols, *(f"resnet_jax_{name}" for name in KERNEL_TARGETS)]:
         jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)),
                                     platform="cpu")
     lib.resnet_jax_onednn_describe.restype = ctypes.c_char_p

@@ -1,6 +1,8 @@
 // ParallelFor: the one way this library's FFI kernels split work over XLA's thread pool.
-// Shared by onednn.cc (the batch in single-threaded oneDNN slices) and bn_kernels.cc (rows of
-// the batch-norm reductions and passes). Header-only; both are built into one library.
+// Shared by onednn.cc (the batch in single-threaded oneDNN slices), bn_kernels.cc (rows of
+// the batch-norm reductions and passes) and pool_kernels.cc (images of the max pool's
+// backward); also RESNET_JAX_CLONES, the instruction sets the kernels' hot loops are compiled
+// for. Header-only; all are built into one library.
 #ifndef RESNET_JAX_OPS_PARALLEL_FOR_H_
 #define RESNET_JAX_OPS_PARALLEL_FOR_H_
 
@@ -14,6 +16,17 @@
 #include <string>
 
 #include "xla/ffi/api/ffi.h"
+
+// -DRESNET_JAX_CLONES='__attribute__((target("arch=x86-64-v3")))' (or empty: baseline) builds one
+// variant alone, to test it on a machine that would pick another.
+#ifndef RESNET_JAX_CLONES
+#if defined(__x86_64__) && defined(__GNUC__)
+#define RESNET_JAX_CLONES \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define RESNET_JAX_CLONES
+#endif
+#endif
 
 namespace resnet_jax {
 

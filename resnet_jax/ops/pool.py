@@ -10,16 +10,34 @@ linearize, jacfwd, hessian, grad-of-grad, vmap), and its transpose, what ``grad`
 the cotangent with k*k strided pads from the int8 code: 0.43x the time of XLA's forward +
 backward on the ImageNet stem's 112x112x64 maps, same values and gradients (ties included;
 tests/test_pool.py). Used by ``conv_impl="onednn"`` (the CPU fast path).
+
+The tangent map and its transpose are two primitives, ``gather_p`` (the tangent at the
+winners) and ``scatter_p`` (a cotangent placed at the winners), each the other's transpose,
+each linear (its JVP is itself), batched by folding vmap's axis into the images. Both lower to
+the lax formulation above; with ``impl="onednn"`` on CPU ``scatter_p`` runs one kernel of the
+FFI library (``pool_kernels.cc``) that writes the input gradient once: in a ResNet-50 train
+step XLA:CPU wrote the k*k transposed pads out one by one, 9 full-size buffers (~140 ms of a
+2.6 s step at batch 32; benchmarks/RESULTS.md). Under ``jit`` over a mesh the kernel runs on
+each shard of the batch (``custom_partitioning``).
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax._src import dispatch as _dispatch  # no public registry of device-needing primitives
+from jax.core import ShapedArray
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from resnet_jax.errors import ConfigError
 
@@ -46,28 +64,167 @@ def _winners(views: list[jax.Array]) -> tuple[jax.Array, jax.Array]:
     return y, code
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3))
-def max_pool(x: jax.Array, k: int, s: int, pads: Pads) -> jax.Array:
-    """k x k max pool with stride s and explicit padding over the H, W axes of NHWC ``x``."""
+IMPLS = ("xla", "onednn")
+
+# ---- the tangent at the winners and its transpose, as primitives ---------------------------
+
+gather_p = Primitive("resnet_jax_pool_gather")  # (code, t) -> t at each window's winner
+scatter_p = Primitive("resnet_jax_pool_scatter")  # (code, g) -> g at the winners, summed
+_dispatch.prim_requires_devices_during_lowering.add(scatter_p)  # its kernel partitions itself
+
+
+def _gather_ref(code, t, *, k, s, pads, impl):
+    # zero padding: a padded position never wins over a real one (every window holds one)
+    return lax.select_n(code, *_windows(t, k, s, pads, fill=0))
+
+
+def _scatter_ref(code, g, *, k, s, pads, size, impl):
+    like = jax.ShapeDtypeStruct((g.shape[0], *size, g.shape[3]), g.dtype)
+    gather = functools.partial(_gather_ref, code, k=k, s=s, pads=pads, impl=impl)
+    return jax.linear_transpose(gather, like)(g)[0]  # k*k strided pads of g, summed
+
+
+gather_p.def_abstract_eval(lambda code, t, **_: ShapedArray(code.shape, t.dtype))
+scatter_p.def_abstract_eval(
+    lambda code, g, *, size, **_: ShapedArray((g.shape[0], *size, g.shape[3]), g.dtype))
+
+
+def _linear_jvp(prim):
+    def rule(primals, tangents, **params):
+        code, a = primals
+        return (prim.bind(code, a, **params),
+                prim.bind(code, ad.instantiate_zeros(tangents[1]), **params))
+
+    return rule
+
+
+def _gather_transpose(ct, code, t, *, k, s, pads, impl):
+    if ad.is_undefined_primal(code) or not ad.is_undefined_primal(t):
+        raise NotImplementedError("resnet_jax pool gather is linear in its tangent only")
+    if type(ct) is ad.Zero:
+        return None, ad.Zero(t.aval)
+    return None, scatter_p.bind(code, ct, k=k, s=s, pads=pads, size=tuple(t.aval.shape[1:3]),
+                                impl=impl)
+
+
+def _scatter_transpose(ct, code, g, *, k, s, pads, size, impl):
+    if ad.is_undefined_primal(code) or not ad.is_undefined_primal(g):
+        raise NotImplementedError("resnet_jax pool scatter is linear in its cotangent only")
+    if type(ct) is ad.Zero:
+        return None, ad.Zero(g.aval)
+    return None, gather_p.bind(code, ct, k=k, s=s, pads=pads, impl=impl)
+
+
+def _batcher(prim):
+    """vmap: the mapped axis moved to the front and folded into the images (both ops act on
+    each image alone), an unmapped operand broadcast."""
+
+    def rule(args, dims, **params):
+        size = next(a.shape[d] for a, d in zip(args, dims, strict=True) if d is not None)
+        code, a = (jnp.broadcast_to(x, (size, *x.shape)) if d is None
+                   else jnp.moveaxis(x, d, 0) for x, d in zip(args, dims, strict=True))
+        out = prim.bind(code.reshape(-1, *code.shape[2:]), a.reshape(-1, *a.shape[2:]),
+                        **params)
+        return out.reshape(size, -1, *out.shape[1:]), 0
+
+    return rule
+
+
+for _p, _ref in ((gather_p, _gather_ref), (scatter_p, _scatter_ref)):
+    ad.primitive_jvps[_p] = _linear_jvp(_p)
+    batching.primitive_batchers[_p] = _batcher(_p)
+    _p.def_impl(functools.partial(
+        lambda prim, *args, **params: _eager(prim, tuple(sorted(params.items())))(*args), _p))
+    mlir.register_lowering(_p, mlir.lower_fun(_ref, multiple_results=False))
+ad.primitive_transposes[gather_p] = _gather_transpose
+ad.primitive_transposes[scatter_p] = _scatter_transpose
+
+
+@functools.cache
+def _eager(prim, items: tuple) -> Any:
+    return jax.jit(functools.partial(prim.bind, **dict(items)))
+
+
+# ---- the CPU kernel ---------------------------------------------------------------------------
+
+def _scatter_ffi(code, g, size, k, s, pt, pl, split):
+    return jax.ffi.ffi_call(
+        "resnet_jax_pool_scatter",
+        jax.ShapeDtypeStruct((g.shape[0], *size, g.shape[3]), g.dtype),
+        vmap_method="sequential",  # not reached: scatter_p's vmap rule comes first
+    )(code, g, k=np.int64(k), s=np.int64(s), pad_top=np.int64(pt), pad_left=np.int64(pl),
+      split=np.int64(split))
+
+
+def _batch_spec(sharding: Any) -> Any:
+    spec = getattr(sharding, "spec", None)
+    return P(spec[0] if spec else None)
+
+
+@functools.cache
+def _partitioned_scatter() -> Any:
+    """The kernel under ``custom_partitioning``: each device scatters its shard of the batch
+    (the images are independent), never gathering the whole batch."""
+    fn = custom_partitioning(_scatter_ffi, static_argnums=(2, 3, 4, 5, 6, 7))
+
+    def infer(size, k, s, pt, pl, split, mesh, arg_shapes, result_shape):
+        return NamedSharding(mesh, _batch_spec(arg_shapes[1].sharding))
+
+    def partition(size, k, s, pt, pl, split, mesh, arg_shapes, result_shape):
+        batch = NamedSharding(mesh, _batch_spec(arg_shapes[1].sharding))
+
+        def lower(code, g):
+            return _scatter_ffi(code, g, size, k, s, pt, pl, split)
+
+        return mesh, lower, batch, (batch, batch)
+
+    fn.def_partition(partition, infer_sharding_from_operands=infer,
+                     sharding_rule="n p q c, n p q c -> n h w c")
+    return fn
+
+
+def _cpu_scatter(code, g, *, k, s, pads, size, impl):
+    if impl != "onednn" or g.dtype != jnp.float32:  # the kernel is float32
+        return _scatter_ref(code, g, k=k, s=s, pads=pads, size=size, impl=impl)
+    from resnet_jax.ops import onednn  # the extension: built and loaded on first use
+
+    onednn.load()
+    return _partitioned_scatter()(code, g, tuple(size), k, s, pads[0][0], pads[1][0],
+                                  onednn.threads_per_call())
+
+
+mlir.register_lowering(scatter_p, mlir.lower_fun(_cpu_scatter, multiple_results=False),
+                       platform="cpu")
+
+
+# ---- the op -----------------------------------------------------------------------------------
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1, 2, 3, 4))
+def max_pool(x: jax.Array, k: int, s: int, pads: Pads, impl: str = "xla") -> jax.Array:
+    """k x k max pool with stride s and explicit padding over the H, W axes of NHWC ``x``;
+    ``impl="onednn"``: its backward on the CPU kernel (see the module docstring)."""
     return functools.reduce(jnp.maximum, _windows(x, k, s, pads))
 
 
 @max_pool.defjvp
-def _jvp(k, s, pads, primals, tangents):
+def _jvp(k, s, pads, impl, primals, tangents):
     (x,), (t,) = primals, tangents
     code = _winners(_windows(x, k, s, pads))[1]  # its max is y's: XLA computes the chain once
     # y through max_pool itself, so a transform of this rule (forward-over-reverse, jvp of
     # jvp) differentiates y by this rule too, not by jnp.maximum's tie-splitting one.
-    y = max_pool(x, k, s, pads)
-    # The tangent at each window's winner; zero padding (a padded position never wins over a
-    # real one, as every window holds one). Transposed: k*k strided pads of the cotangent.
-    t_views = _windows(t, k, s, pads, fill=0)
-    return y, lax.select_n(code, *t_views)
+    y = max_pool(x, k, s, pads, impl)
+    # The tangent at each window's winner. Transposed (grad): scatter_p, the cotangent placed
+    # at the winners.
+    return y, gather_p.bind(code, t, k=k, s=s, pads=pads, impl=impl)
 
 
 def flax_max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[int] | None = None,
-                  padding: Sequence[tuple[int, int]] | str = "VALID") -> jax.Array:
-    """``flax.linen.max_pool``'s signature for square 2-D windows and strides on NHWC input."""
+                  padding: Sequence[tuple[int, int]] | str = "VALID", *,
+                  impl: str = "xla") -> jax.Array:
+    """``flax.linen.max_pool``'s signature for square 2-D windows and strides on NHWC input;
+    ``impl`` as :func:`max_pool`'s."""
+    if impl not in IMPLS:
+        raise ConfigError(f"max pool impl={impl!r} is not one of {IMPLS}")
     strides = tuple(strides or (1, 1))
     if (x.ndim != 4 or len(window_shape) != 2 or window_shape[0] != window_shape[1]
             or strides[0] != strides[1] or window_shape[0] ** 2 > 127):
@@ -77,4 +234,4 @@ def flax_max_pool(x: jax.Array, window_shape: Sequence[int], strides: Sequence[i
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(x.shape[1:3], window_shape, strides, padding)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return max_pool(x, int(window_shape[0]), int(strides[0]), pads)
+    return max_pool(x, int(window_shape[0]), int(strides[0]), pads, impl)
