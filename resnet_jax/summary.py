@@ -70,6 +70,19 @@ def default_image_size(model: nn.Module) -> int:
     return int(model.default_image_size)  # other registered nets (VGG) declare theirs
 
 
+def _trace_init(module: nn.Module, image_size: int, interceptor: Any) -> Any:
+    """``module.init`` on one image under ``jax.eval_shape`` (no memory) with ``interceptor``
+    on every module method; the variables' shapes."""
+
+    def init() -> Any:
+        with nn.intercept_methods(interceptor):
+            return module.init(
+                jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False
+            )
+
+    return jax.eval_shape(init)
+
+
 def repeats(module: nn.Module, path: tuple[str, ...]) -> int:
     """How many blocks the submodule at ``path`` stands for: one scanned body (``stageK/blocks``)
     stands for blocks 2..n of stage K, anything else for itself."""
@@ -123,13 +136,7 @@ def convolutions(
             seen[mod.path] = (*geometry, repeats(module, mod.path))
         return next_fun(*args, **kwargs)
 
-    def init() -> Any:
-        with nn.intercept_methods(record):
-            return module.init(
-                jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False
-            )
-
-    jax.eval_shape(init)
+    _trace_init(module, image_size, record)
     counts: dict[tuple[int, ...], int] = {}
     for *geometry, n in seen.values():
         counts[tuple(geometry)] = counts.get(tuple(geometry), 0) + n
@@ -164,13 +171,7 @@ def summarize(
             macs[mod.path] = n * repeats(module, mod.path)  # by path: scan may trace twice
         return out
 
-    def init() -> Any:
-        with nn.intercept_methods(count):
-            return module.init(
-                jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)), train=False
-            )
-
-    variables = jax.eval_shape(init)
+    variables = _trace_init(module, image_size, count)
     params = variables["params"]
     order = [*shapes, *(k for k in params if k not in shapes)]  # call order: stem first
     rows = [

@@ -65,7 +65,7 @@ def test_the_backward_composes_with_vmap_jvp_and_second_order(impl) -> None:
                                    rtol=1e-5, atol=1e-5)
 
 
-def test_the_cpu_kernel_runs_in_the_train_step_backward() -> None:
+def test_the_cpu_kernel_runs_in_the_backward_on_the_onednn_impl_only() -> None:
     if not AVAILABLE:
         pytest.skip(f"oneDNN extension unavailable: {WHY}")
     f = jax.jit(jax.grad(lambda x: flax_max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)),

@@ -78,11 +78,6 @@ def _rule(target: str, rank: int) -> tuple[str, tuple[str, ...]]:
     return f"{', '.join(operands)} -> {', '.join(results)}", reduction
 
 
-def _batch_axes(sharding: Any) -> Any:
-    spec = getattr(sharding, "spec", None)
-    return spec[0] if spec else None
-
-
 @functools.cache
 def _partitioned(target: str, rank: int) -> Any:
     """``target``'s FFI call under ``custom_partitioning`` (static args: relu, split)."""
@@ -96,7 +91,7 @@ def _partitioned(target: str, rank: int) -> Any:
     reduces = target in _REDUCES
 
     def shardings(mesh, arg_shapes):
-        axes = _batch_axes(arg_shapes[ins.index("x")].sharding)
+        axes = onednn.batch_axes(arg_shapes[ins.index("x")].sharding)
         batch, replicated = NamedSharding(mesh, P(axes)), NamedSharding(mesh, P())
         args = tuple(batch if r == "x" else replicated for r in ins)
         results = tuple(batch if r == "x" else replicated for r in outs)

@@ -224,7 +224,9 @@ _RULES = {
 }
 
 
-def _batch_axes(sharding: Any) -> Any:
+def batch_axes(sharding: Any) -> Any:
+    """The mesh axes an array's batch dimension (axis 0) is sharded over (None: replicated);
+    the custom_partitioning rules of this library's kernels (here, fused_bn, pool) read it."""
     spec = getattr(sharding, "spec", None)
     return spec[0] if spec else None
 
@@ -237,7 +239,7 @@ def _partitioned(name: str) -> Any:
     reduces = name == "conv_bwd_weights"
 
     def shardings(mesh, arg_shapes):
-        axes = _batch_axes(arg_shapes[0].sharding)
+        axes = batch_axes(arg_shapes[0].sharding)
         batch = NamedSharding(mesh, P(axes))
         args = (batch, batch if reduces else NamedSharding(mesh, P()))
         return axes, args, NamedSharding(mesh, P() if reduces else P(axes))

@@ -40,6 +40,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from resnet_jax.errors import ConfigError
+from resnet_jax.ops import onednn
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
@@ -133,16 +134,10 @@ def _batcher(prim):
 for _p, _ref in ((gather_p, _gather_ref), (scatter_p, _scatter_ref)):
     ad.primitive_jvps[_p] = _linear_jvp(_p)
     batching.primitive_batchers[_p] = _batcher(_p)
-    _p.def_impl(functools.partial(
-        lambda prim, *args, **params: _eager(prim, tuple(sorted(params.items())))(*args), _p))
+    _p.def_impl(functools.partial(_dispatch.apply_primitive, _p))  # eager: jit of the bind
     mlir.register_lowering(_p, mlir.lower_fun(_ref, multiple_results=False))
 ad.primitive_transposes[gather_p] = _gather_transpose
 ad.primitive_transposes[scatter_p] = _scatter_transpose
-
-
-@functools.cache
-def _eager(prim, items: tuple) -> Any:
-    return jax.jit(functools.partial(prim.bind, **dict(items)))
 
 
 # ---- the CPU kernel ---------------------------------------------------------------------------
@@ -156,11 +151,6 @@ def _scatter_ffi(code, g, size, k, s, pt, pl, split):
       split=np.int64(split))
 
 
-def _batch_spec(sharding: Any) -> Any:
-    spec = getattr(sharding, "spec", None)
-    return P(spec[0] if spec else None)
-
-
 @functools.cache
 def _partitioned_scatter() -> Any:
     """The kernel under ``custom_partitioning``: each device scatters its shard of the batch
@@ -168,10 +158,10 @@ def _partitioned_scatter() -> Any:
     fn = custom_partitioning(_scatter_ffi, static_argnums=(2, 3, 4, 5, 6, 7))
 
     def infer(size, k, s, pt, pl, split, mesh, arg_shapes, result_shape):
-        return NamedSharding(mesh, _batch_spec(arg_shapes[1].sharding))
+        return NamedSharding(mesh, P(onednn.batch_axes(arg_shapes[1].sharding)))
 
     def partition(size, k, s, pt, pl, split, mesh, arg_shapes, result_shape):
-        batch = NamedSharding(mesh, _batch_spec(arg_shapes[1].sharding))
+        batch = NamedSharding(mesh, P(onednn.batch_axes(arg_shapes[1].sharding)))
 
         def lower(code, g):
             return _scatter_ffi(code, g, size, k, s, pt, pl, split)
@@ -186,9 +176,7 @@ def _partitioned_scatter() -> Any:
 def _cpu_scatter(code, g, *, k, s, pads, size, impl):
     if impl != "onednn" or g.dtype != jnp.float32:  # the kernel is float32
         return _scatter_ref(code, g, k=k, s=s, pads=pads, size=size, impl=impl)
-    from resnet_jax.ops import onednn  # the extension: built and loaded on first use
-
-    onednn.load()
+    onednn.load()  # the extension: built and loaded on first use
     return _partitioned_scatter()(code, g, tuple(size), k, s, pads[0][0], pads[1][0],
                                   onednn.threads_per_call())
 
